@@ -1,0 +1,67 @@
+#pragma once
+// What a policy and a backend must provide. KVCache<Policy, Backend> accepts exactly these.
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+
+#include "kvsparse/dtype.hpp"
+#include "kvsparse/rope.hpp"
+#include "kvsparse/stream.hpp"
+#include "kvsparse/views.hpp"
+
+namespace kvsparse {
+
+/// A KV-cache policy decides, per (layer, KV head) stream, where each new token is stored (and so which
+/// token it evicts), which tokens survive a prefill, which keys a prefill query may see, and which held
+/// tokens a decode query attends to.
+///
+/// - `capacity(layer, kv_head)`: most tokens the stream ever holds after a call, or `unbounded`.
+/// - `place(stream)`: slot for the token at `stream.next_position`; a slot past the last one grows the
+///   stream, an occupied slot evicts its token.
+/// - `retain(stream, slot)`: after a prefill, whether the token in `slot` stays.
+/// - `prefill_visible(layer, kv_head, i, j)`: whether prefill query position i sees key position j <= i.
+/// - `select(stream, out)`: slots a decode query attends to, in ascending position order; returns the count.
+/// - `rotation_positions`: whether keys are rotated at their rank in the attended set
+///   (StreamingLLM's in-cache positions) rather than at their absolute position.
+template <class P>
+concept kv_policy = std::copy_constructible<P> &&
+    requires(const P& policy, const StreamState& stream, std::int32_t i, std::span<std::int32_t> out) {
+        { policy.capacity(i, i) } -> std::same_as<std::int32_t>;
+        { policy.place(stream) } -> std::same_as<std::int32_t>;
+        { policy.retain(stream, i) } -> std::same_as<bool>;
+        { policy.prefill_visible(i, i, i, i) } -> std::same_as<bool>;
+        { policy.select(stream, out) } -> std::same_as<std::int32_t>;
+        { policy.rotates_in_cache() } -> std::same_as<bool>;
+    };
+
+/// Arguments of one gathered attention: the query heads of one KV head over a set of slots.
+template <storage_type T>
+struct AttendArgs {
+    StreamView<T> stream;
+    std::span<const std::int32_t> slots;          ///< keys to attend, any order
+    std::span<const float> queries;               ///< [group][head_dim], already rotated
+    std::int32_t group = 1;                       ///< query heads sharing this KV head
+    float scale = 1.0f;                           ///< usually 1/sqrt(head_dim)
+    std::span<const std::int32_t> key_rotation;   ///< per slot: rotate the key by this position; empty = none
+    Rope rope{};                                  ///< used with key_rotation
+    std::span<float> out;                         ///< [group][head_dim]
+    std::span<float> probabilities;               ///< per slot, += sum over the group; empty = not wanted
+};
+
+/// A backend runs the numeric primitives on some device, ordered on a stream.
+/// `workspace_bytes` sizes the scratch that `attend` needs, so no allocation happens inside a step.
+template <class B>
+concept kv_backend = requires(B& backend, typename B::stream_type stream, const StreamView<float>& view,
+                              std::span<const std::int32_t> slots, std::span<const float> src, std::span<float> x,
+                              std::span<std::byte> workspace, const AttendArgs<float>& args, std::int32_t n) {
+    typename B::stream_type;
+    { B::workspace_bytes(n, n, n) } -> std::same_as<std::size_t>;
+    { backend.write(view, slots, src, src, n, stream) };
+    { backend.copy_slots(view, slots, slots, stream) };
+    { backend.rope(x, n, n, slots, Rope{}, stream) };
+    { backend.shift_keys(view, slots, n, Rope{}, stream) };
+    { backend.attend(args, workspace, stream) };
+};
+
+}  // namespace kvsparse

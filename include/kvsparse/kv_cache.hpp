@@ -1,0 +1,503 @@
+#pragma once
+// KVCache<Policy, Backend, T>: an owning paged KV cache driven by a policy, for users without a cache of
+// their own. Several sequences share one page pool. Each (sequence, layer, KV head) is a stream with its
+// own page table, so a policy can keep different tokens, and a different number of them, per head.
+//
+// Decode step at position t, per layer:   append(seq, layer, k, v);  attend(seq, layer, q, out);
+// Prompt of n tokens, per layer:          prefill(seq, layer, q, k, v, out);
+// Engines with their own kernels:         append(...);  select(seq, layer, selection);
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvsparse/backends/cpu_backend.hpp"
+#include "kvsparse/concepts.hpp"
+#include "kvsparse/detail/page_pool.hpp"
+#include "kvsparse/dtype.hpp"
+#include "kvsparse/error.hpp"
+#include "kvsparse/rope.hpp"
+#include "kvsparse/shape.hpp"
+#include "kvsparse/stream.hpp"
+#include "kvsparse/views.hpp"
+
+namespace kvsparse {
+
+struct CacheConfig {
+    ModelShape shape;
+    std::int32_t page_size = 16;  ///< tokens per page, a power of two
+    std::int32_t num_pages = 0;   ///< pages in the shared pool; a page holds page_size tokens of one KV head
+    /// When set, queries and keys arrive before RoPE and the cache rotates them: keys at their absolute
+    /// position on append, or at their rank in the attended set for a policy with in-cache positions.
+    /// When empty, q and k are used as given (already rotated by the engine).
+    std::optional<Rope> rope;
+};
+
+using SequenceId = std::int32_t;
+
+/// Memory one sequence holds (or the whole cache, from `pool_memory`).
+struct MemoryStats {
+    std::int64_t pages = 0;
+    std::int64_t bytes = 0;                 ///< keys and values
+    std::int64_t tokens = 0;                ///< held tokens, summed over (layer, KV head) streams
+    std::int32_t max_stream_tokens = 0;     ///< most tokens any one stream holds
+};
+
+/// The sets a decode query attends to, per KV head, in ascending position order (CSR).
+struct Selection {
+    std::vector<std::int32_t> indptr;     ///< [kv_heads + 1]
+    std::vector<std::int32_t> slots;      ///< storage slots, addressed through stream_view(seq, layer, head)
+    std::vector<std::int32_t> positions;  ///< absolute positions of the same tokens
+
+    std::span<const std::int32_t> slots_of(std::int32_t kv_head) const { return row(slots, kv_head); }
+    std::span<const std::int32_t> positions_of(std::int32_t kv_head) const { return row(positions, kv_head); }
+
+private:
+    std::span<const std::int32_t> row(const std::vector<std::int32_t>& v, std::int32_t h) const {
+        const auto begin = static_cast<std::size_t>(indptr[static_cast<std::size_t>(h)]);
+        const auto end = static_cast<std::size_t>(indptr[static_cast<std::size_t>(h) + 1]);
+        return std::span<const std::int32_t>(v).subspan(begin, end - begin);
+    }
+};
+
+template <kv_policy Policy, kv_backend Backend = CpuBackend, storage_type T = float>
+class KVCache {
+public:
+    using policy_type = Policy;
+    using backend_type = Backend;
+    using value_type = T;
+    using stream_type = typename Backend::stream_type;
+
+    KVCache(CacheConfig config, Policy policy, Backend backend = {})
+        : config_(validated(config, policy)),
+          policy_(std::move(policy)),
+          backend_(std::move(backend)),
+          pool_(config_.num_pages, config_.page_size, config_.shape.head_dim) {}
+
+    const CacheConfig& config() const { return config_; }
+    const ModelShape& shape() const { return config_.shape; }
+    const Policy& policy() const { return policy_; }
+
+    // ---- sequences -------------------------------------------------------------------------------------
+
+    /// Starts an empty sequence; its id stays valid until remove_sequence.
+    SequenceId add_sequence() {
+        Sequence sequence;
+        sequence.streams.resize(static_cast<std::size_t>(config_.shape.layers * config_.shape.kv_heads));
+        sequence.lengths.assign(static_cast<std::size_t>(config_.shape.layers), 0);
+        for (std::size_t i = 0; i < sequences_.size(); ++i) {
+            if (!sequences_[i]) {
+                sequences_[i] = std::move(sequence);
+                return static_cast<SequenceId>(i);
+            }
+        }
+        sequences_.push_back(std::move(sequence));
+        return static_cast<SequenceId>(sequences_.size() - 1);
+    }
+
+    /// Returns all pages of the sequence to the pool and forgets it.
+    void remove_sequence(SequenceId id) {
+        reset_sequence(id);
+        sequences_[static_cast<std::size_t>(id)].reset();
+    }
+
+    /// Empties the sequence (pages back to the pool); positions start at 0 again.
+    void reset_sequence(SequenceId id) {
+        Sequence& sequence = at(id);
+        for (Stream& stream : sequence.streams) {
+            pool_.release(stream.pages);
+            stream = Stream{};
+        }
+        std::fill(sequence.lengths.begin(), sequence.lengths.end(), 0);
+    }
+
+    bool contains(SequenceId id) const {
+        return id >= 0 && static_cast<std::size_t>(id) < sequences_.size() && sequences_[static_cast<std::size_t>(id)];
+    }
+
+    /// Positions appended to `layer` so far (the next token gets this position).
+    std::int32_t length(SequenceId id, std::int32_t layer) const {
+        check_layer(layer);
+        return at(id).lengths[static_cast<std::size_t>(layer)];
+    }
+
+    // ---- decode ----------------------------------------------------------------------------------------
+
+    /// Appends tokens `keys`/`values` [n][kv_heads][head_dim] to `layer`, one decode append each: every
+    /// token is placed by the policy, which may evict an older one. No attention is computed.
+    void append(SequenceId id, std::int32_t layer, std::span<const float> keys, std::span<const float> values,
+                stream_type stream = {}) {
+        Sequence& sequence = at(id);
+        const std::int32_t n = token_count(layer, keys, values);
+        reserve_pages(sequence, layer, [&](std::int32_t slots, std::int32_t capacity) {
+            return std::min<std::int64_t>(std::int64_t{slots} + n, capacity);
+        });
+        const std::int32_t first = sequence.lengths[static_cast<std::size_t>(layer)];
+        std::span<const float> stored_keys = rotated_keys(keys, first, n, stream);
+        const std::size_t row = static_cast<std::size_t>(config_.shape.kv_heads * config_.shape.head_dim);
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            Stream& s = stream_at(sequence, layer, h);
+            scratch_slots_.clear();
+            for (std::int32_t i = 0; i < n; ++i) {
+                const std::int32_t slot = policy_.place(state(s, layer, h));
+                occupy(s, slot, first + i);
+                scratch_slots_.push_back(slot);
+            }
+            // A token evicted within this same call is not written.
+            for (std::int32_t i = 0; i < n; ++i) {
+                const std::int32_t slot = scratch_slots_[static_cast<std::size_t>(i)];
+                if (s.positions[static_cast<std::size_t>(slot)] != first + i) continue;
+                const std::size_t offset = static_cast<std::size_t>(i) * row + static_cast<std::size_t>(h * config_.shape.head_dim);
+                backend_.write(view(s, h), std::span<const std::int32_t>(&scratch_slots_[static_cast<std::size_t>(i)], 1),
+                               stored_keys.subspan(offset), values.subspan(offset), 0, stream);
+            }
+        }
+        sequence.lengths[static_cast<std::size_t>(layer)] += n;
+    }
+
+    /// Decode attention of the newest position's queries [q_heads][head_dim] over the policy's sets;
+    /// writes `out` [q_heads][head_dim].
+    void attend(SequenceId id, std::int32_t layer, std::span<const float> queries, std::span<float> out,
+                stream_type stream = {}) {
+        Sequence& sequence = at(id);
+        check_layer(layer);
+        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
+        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
+        detail::require(out.size() == q_size, "out.size()", out.size(), "must be q_heads * head_dim");
+        const std::int32_t t = sequence.lengths[static_cast<std::size_t>(layer)] - 1;
+        detail::require(t >= 0, "length", t + 1, "attend needs at least one appended token");
+        const std::int32_t group = config_.shape.group_size();
+        const std::size_t group_size = static_cast<std::size_t>(group * config_.shape.head_dim);
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            Stream& s = stream_at(sequence, layer, h);
+            const std::int32_t count = select_into(s, layer, h, scratch_slots_);
+            const std::span<const std::int32_t> slots(scratch_slots_.data(), static_cast<std::size_t>(count));
+            attend_group(s, layer, h, slots, queries.subspan(static_cast<std::size_t>(h) * group_size, group_size), t,
+                         out.subspan(static_cast<std::size_t>(h) * group_size, group_size), stream);
+        }
+    }
+
+    /// The sets the next decode query of `layer` attends to, for engines that run attention themselves.
+    void select(SequenceId id, std::int32_t layer, Selection& selection) {
+        Sequence& sequence = at(id);
+        check_layer(layer);
+        selection.indptr.assign(1, 0);
+        selection.slots.clear();
+        selection.positions.clear();
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            Stream& s = stream_at(sequence, layer, h);
+            const std::int32_t count = select_into(s, layer, h, scratch_slots_);
+            for (std::int32_t i = 0; i < count; ++i) {
+                const std::int32_t slot = scratch_slots_[static_cast<std::size_t>(i)];
+                selection.slots.push_back(slot);
+                selection.positions.push_back(s.positions[static_cast<std::size_t>(slot)]);
+            }
+            selection.indptr.push_back(static_cast<std::int32_t>(selection.slots.size()));
+        }
+    }
+
+    // ---- prefill ---------------------------------------------------------------------------------------
+
+    /// Prompt chunk of n tokens: queries [n][q_heads][head_dim], keys/values [n][kv_heads][head_dim].
+    /// Every query attends causally (through the policy's prefill pattern) to the held tokens and the
+    /// chunk; then the policy's eviction cuts each stream back to its capacity. `out` [n][q_heads][head_dim].
+    void prefill(SequenceId id, std::int32_t layer, std::span<const float> queries, std::span<const float> keys,
+                 std::span<const float> values, std::span<float> out, stream_type stream = {}) {
+        Sequence& sequence = at(id);
+        const std::int32_t n = token_count(layer, keys, values);
+        const std::size_t q_row = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
+        detail::require(queries.size() == static_cast<std::size_t>(n) * q_row, "queries.size()", queries.size(),
+                        "must be n * q_heads * head_dim, n from keys");
+        detail::require(out.size() == queries.size(), "out.size()", out.size(), "must equal queries.size()");
+        // The chunk is stored after every held slot, whatever the capacity, until eviction runs.
+        reserve_pages(sequence, layer, n,
+                      [&](std::int32_t slots, std::int32_t) { return std::int64_t{slots} + n; });
+
+        const std::int32_t first = sequence.lengths[static_cast<std::size_t>(layer)];
+        std::span<const float> stored_keys = rotated_keys(keys, first, n, stream);
+        const std::int32_t dim = config_.shape.head_dim;
+        const std::int32_t group = config_.shape.group_size();
+        const std::size_t kv_row = static_cast<std::size_t>(config_.shape.kv_heads * dim);
+        const std::size_t group_size = static_cast<std::size_t>(group * dim);
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            Stream& s = stream_at(sequence, layer, h);
+            const std::int32_t base = static_cast<std::int32_t>(s.positions.size());
+            scratch_slots_.resize(static_cast<std::size_t>(n));
+            for (std::int32_t i = 0; i < n; ++i) {
+                scratch_slots_[static_cast<std::size_t>(i)] = base + i;
+                occupy(s, base + i, first + i);
+            }
+            backend_.write(view(s, h), std::span<const std::int32_t>(scratch_slots_),
+                           stored_keys.subspan(static_cast<std::size_t>(h * dim)),
+                           values.subspan(static_cast<std::size_t>(h * dim)), static_cast<std::int32_t>(kv_row), stream);
+
+            // Held slots in position order; the chunk's slots follow in order.
+            held_by_position(s, prefill_order_);
+            std::vector<std::int32_t>& visible = visible_;
+            for (std::int32_t i = 0; i < n; ++i) {
+                const std::int32_t qpos = first + i;
+                visible.clear();
+                for (const std::int32_t slot : prefill_order_) {
+                    const std::int32_t kpos = s.positions[static_cast<std::size_t>(slot)];
+                    if (kpos > qpos) break;
+                    if (policy_.prefill_visible(layer, h, qpos, kpos)) visible.push_back(slot);
+                }
+                const std::size_t q_offset = static_cast<std::size_t>(i) * q_row + static_cast<std::size_t>(h) * group_size;
+                attend_group(s, layer, h, visible, queries.subspan(q_offset, group_size), qpos,
+                             out.subspan(q_offset, group_size), stream);
+            }
+        }
+        sequence.lengths[static_cast<std::size_t>(layer)] += n;
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) evict_after_prefill(sequence, layer, h, stream);
+    }
+
+    // ---- views and memory ------------------------------------------------------------------------------
+
+    /// The bookkeeping the policy sees for one stream.
+    StreamState stream_state(SequenceId id, std::int32_t layer, std::int32_t kv_head) {
+        check_head(kv_head);
+        check_layer(layer);
+        return state(stream_at(at(id), layer, kv_head), layer, kv_head);
+    }
+
+    /// Where one stream's keys and values live: slots from `select` address into it.
+    StreamView<T> stream_view(SequenceId id, std::int32_t layer, std::int32_t kv_head) {
+        check_head(kv_head);
+        check_layer(layer);
+        return view(stream_at(at(id), layer, kv_head), kv_head);
+    }
+
+    /// K-shift for engines that cache rotated keys: re-rotate the keys of `slots` by `delta` positions.
+    void shift_keys(SequenceId id, std::int32_t layer, std::int32_t kv_head, std::span<const std::int32_t> slots,
+                    std::int32_t delta, stream_type stream = {}) {
+        detail::require(config_.rope.has_value(), "rope", "none", "shift_keys needs CacheConfig::rope");
+        StreamView<T> v = stream_view(id, layer, kv_head);
+        const Stream& s = stream_at(at(id), layer, kv_head);
+        for (const std::int32_t slot : slots) {
+            detail::require(slot >= 0 && static_cast<std::size_t>(slot) < s.positions.size() &&
+                                s.positions[static_cast<std::size_t>(slot)] != free_slot,
+                            "slot", slot, "is not a held slot of this stream");
+        }
+        backend_.shift_keys(v, slots, delta, *config_.rope, stream);
+    }
+
+    MemoryStats memory(SequenceId id) const {
+        MemoryStats stats;
+        for (const Stream& s : at(id).streams) {
+            stats.pages += static_cast<std::int64_t>(s.pages.size());
+            stats.tokens += s.held;
+            stats.max_stream_tokens = std::max(stats.max_stream_tokens, s.held);
+        }
+        stats.bytes = stats.pages * pool_.page_bytes();
+        return stats;
+    }
+
+    std::int32_t free_pages() const { return pool_.free_pages(); }
+    std::int32_t total_pages() const { return config_.num_pages; }
+
+private:
+    struct Stream {
+        std::vector<std::int32_t> pages;
+        std::vector<std::int32_t> positions;  // per slot; its size is the slot high-water mark
+        std::int32_t held = 0;
+        std::int32_t next_position = 0;
+    };
+    struct Sequence {
+        std::vector<Stream> streams;  // [layer][kv_head]
+        std::vector<std::int32_t> lengths;
+    };
+
+    static CacheConfig validated(const CacheConfig& config, const Policy& policy) {
+        config.shape.validate();
+        detail::require_page_size(config.page_size);
+        detail::require(config.num_pages > 0, "num_pages", config.num_pages, "must be positive");
+        if (config.rope) {
+            detail::require(config.shape.head_dim % 2 == 0, "head_dim", config.shape.head_dim, "must be even for RoPE");
+            detail::require(config.rope->theta > 0.0f, "rope.theta", config.rope->theta, "must be positive");
+        }
+        detail::require(!policy.rotates_in_cache() || config.rope.has_value(), "rope", "none",
+                        "in-cache positions need CacheConfig::rope (the cache rotates keys itself)");
+        return config;
+    }
+
+    Sequence& at(SequenceId id) {
+        detail::require(contains(id), "sequence", id, "is not a sequence of this cache");
+        return *sequences_[static_cast<std::size_t>(id)];
+    }
+    const Sequence& at(SequenceId id) const { return const_cast<KVCache*>(this)->at(id); }
+
+    void check_layer(std::int32_t layer) const {
+        detail::require(layer >= 0 && layer < config_.shape.layers, "layer", layer, "must be in [0, layers)");
+    }
+    void check_head(std::int32_t head) const {
+        detail::require(head >= 0 && head < config_.shape.kv_heads, "kv_head", head, "must be in [0, kv_heads)");
+    }
+
+    std::int32_t token_count(std::int32_t layer, std::span<const float> keys, std::span<const float> values) const {
+        check_layer(layer);
+        const std::size_t row = static_cast<std::size_t>(config_.shape.kv_heads * config_.shape.head_dim);
+        detail::require(!keys.empty() && keys.size() % row == 0, "keys.size()", keys.size(),
+                        "must be a positive multiple of kv_heads * head_dim");
+        detail::require(values.size() == keys.size(), "values.size()", values.size(), "must equal keys.size()");
+        return static_cast<std::int32_t>(keys.size() / row);
+    }
+
+    Stream& stream_at(Sequence& sequence, std::int32_t layer, std::int32_t h) {
+        return sequence.streams[static_cast<std::size_t>(layer * config_.shape.kv_heads + h)];
+    }
+
+    static StreamState state(const Stream& s, std::int32_t layer, std::int32_t h) {
+        return StreamState{s.positions, s.held, s.next_position, layer, h};
+    }
+
+    StreamView<T> view(Stream& s, std::int32_t) {
+        return StreamView<T>{pool_.keys(), pool_.values(),
+                             PageTableView{s.pages.data(), static_cast<std::int32_t>(s.pages.size())}, 0};
+    }
+
+    /// Checks, before anything changes, that the pool can give each stream of `layer` the pages it needs
+    /// to hold `slots_after(slots, capacity)` slots; then takes them.
+    template <class SlotsAfter>
+    void reserve_pages(Sequence& sequence, std::int32_t layer, SlotsAfter slots_after) {
+        std::int64_t needed = 0;
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            const Stream& s = stream_at(sequence, layer, h);
+            const std::int64_t slots = slots_after(static_cast<std::int32_t>(s.positions.size()), policy_.capacity(layer, h));
+            needed += std::max<std::int64_t>(0, pool_.pages_for(slots) - static_cast<std::int64_t>(s.pages.size()));
+        }
+        if (needed > pool_.free_pages()) {
+            throw pool_exhausted("page pool: layer " + std::to_string(layer) + " needs " + std::to_string(needed) +
+                                 " more pages, " + std::to_string(pool_.free_pages()) + " of " +
+                                 std::to_string(config_.num_pages) + " are free");
+        }
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            Stream& s = stream_at(sequence, layer, h);
+            const std::int64_t slots = slots_after(static_cast<std::int32_t>(s.positions.size()), policy_.capacity(layer, h));
+            while (static_cast<std::int64_t>(s.pages.size()) < pool_.pages_for(slots)) s.pages.push_back(pool_.take());
+        }
+    }
+
+    /// Puts `position` into `slot`, growing the slot range if needed (its page was reserved).
+    void occupy(Stream& s, std::int32_t slot, std::int32_t position) {
+        if (static_cast<std::size_t>(slot) >= s.positions.size()) s.positions.resize(static_cast<std::size_t>(slot) + 1, free_slot);
+        std::int32_t& current = s.positions[static_cast<std::size_t>(slot)];
+        if (current == free_slot) ++s.held;
+        current = position;
+        s.next_position = position + 1;
+    }
+
+    /// Keys as stored: rotated at their absolute positions when the cache applies RoPE and the policy
+    /// does not rotate in-cache; otherwise the caller's keys untouched.
+    std::span<const float> rotated_keys(std::span<const float> keys, std::int32_t first, std::int32_t n,
+                                        stream_type stream) {
+        if (!config_.rope || policy_.rotates_in_cache()) return keys;
+        rotated_.assign(keys.begin(), keys.end());
+        positions_.resize(static_cast<std::size_t>(n));
+        std::iota(positions_.begin(), positions_.end(), first);
+        backend_.rope(rotated_, config_.shape.kv_heads, config_.shape.head_dim, positions_, *config_.rope, stream);
+        return rotated_;
+    }
+
+    std::int32_t select_into(Stream& s, std::int32_t layer, std::int32_t h, std::vector<std::int32_t>& slots) {
+        slots.resize(std::max<std::size_t>(slots.size(), static_cast<std::size_t>(s.held)));
+        return policy_.select(state(s, layer, h), slots);
+    }
+
+    /// Attention of one KV head's query group at position `qpos` over `slots` (ascending positions).
+    void attend_group(Stream& s, std::int32_t, std::int32_t h, std::span<const std::int32_t> slots,
+                      std::span<const float> queries, std::int32_t qpos, std::span<float> out, stream_type stream) {
+        const std::int32_t dim = config_.shape.head_dim;
+        const std::int32_t group = config_.shape.group_size();
+        std::span<const float> q = queries;
+        std::span<const std::int32_t> key_rotation;
+        if (config_.rope) {
+            const bool in_cache = policy_.rotates_in_cache();
+            query_.assign(queries.begin(), queries.end());
+            const std::int32_t query_position = in_cache ? static_cast<std::int32_t>(slots.size()) - 1 : qpos;
+            positions_.assign(1, query_position);
+            backend_.rope(query_, group, dim, positions_, *config_.rope, stream);
+            q = query_;
+            if (in_cache) {
+                key_rotation_.resize(slots.size());
+                std::iota(key_rotation_.begin(), key_rotation_.end(), 0);
+                key_rotation = key_rotation_;
+            }
+        }
+        const std::size_t bytes = Backend::workspace_bytes(group, static_cast<std::int32_t>(slots.size()), dim);
+        if (workspace_.size() < bytes) workspace_.resize(bytes);
+        AttendArgs<T> args{view(s, h),
+                           slots,
+                           q,
+                           group,
+                           1.0f / std::sqrt(static_cast<float>(dim)),
+                           key_rotation,
+                           config_.rope.value_or(Rope{}),
+                           out,
+                           {}};
+        backend_.attend(args, std::span<std::byte>(workspace_.data(), workspace_.size()), stream);
+    }
+
+    /// Held slots sorted by position.
+    static void held_by_position(const Stream& s, std::vector<std::int32_t>& order) {
+        order.clear();
+        for (std::size_t slot = 0; slot < s.positions.size(); ++slot) {
+            if (s.positions[slot] != free_slot) order.push_back(static_cast<std::int32_t>(slot));
+        }
+        std::sort(order.begin(), order.end(), [&](std::int32_t a, std::int32_t b) {
+            return s.positions[static_cast<std::size_t>(a)] < s.positions[static_cast<std::size_t>(b)];
+        });
+    }
+
+    /// Drops what the policy does not retain, re-places the survivors (in position order) where the
+    /// policy's own decode placement would have put them, and returns unused pages to the pool.
+    void evict_after_prefill(Sequence& sequence, std::int32_t layer, std::int32_t h, stream_type stream) {
+        Stream& s = stream_at(sequence, layer, h);
+        const StreamState before = state(s, layer, h);
+        held_by_position(s, prefill_order_);
+        Stream placed;
+        scratch_slots_.clear();  // from
+        visible_.clear();        // to
+        for (const std::int32_t slot : prefill_order_) {
+            if (!policy_.retain(before, slot)) continue;
+            const std::int32_t position = s.positions[static_cast<std::size_t>(slot)];
+            placed.next_position = position;
+            const std::int32_t target = policy_.place(state(placed, layer, h));
+            detail::require(target >= 0 && (static_cast<std::size_t>(target) >= placed.positions.size() ||
+                                            placed.positions[static_cast<std::size_t>(target)] == free_slot),
+                            "policy.place", target, "re-placing retained tokens must not collide");
+            occupy(placed, target, position);
+            if (target != slot) {
+                scratch_slots_.push_back(slot);
+                visible_.push_back(target);
+            }
+        }
+        detail::require(static_cast<std::int64_t>(placed.positions.size()) <= static_cast<std::int64_t>(s.pages.size()) * config_.page_size,
+                        "policy.place", static_cast<std::int64_t>(placed.positions.size()), "slot beyond the reserved pages");
+        if (!scratch_slots_.empty()) backend_.copy_slots(view(s, h), scratch_slots_, visible_, stream);
+        placed.next_position = s.next_position;
+        placed.pages = std::move(s.pages);
+        const std::size_t keep_pages = static_cast<std::size_t>(pool_.pages_for(static_cast<std::int64_t>(placed.positions.size())));
+        pool_.release(std::span<const std::int32_t>(placed.pages).subspan(keep_pages));
+        placed.pages.resize(keep_pages);
+        s = std::move(placed);
+    }
+
+    CacheConfig config_;
+    Policy policy_;
+    Backend backend_;
+    detail::PagePool<T> pool_;
+    std::vector<std::optional<Sequence>> sequences_;
+
+    // Scratch reused across calls, so steady-state decode does not allocate.
+    std::vector<std::int32_t> scratch_slots_, prefill_order_, visible_, positions_, key_rotation_;
+    std::vector<float> rotated_, query_;
+    std::vector<std::byte> workspace_;
+};
+
+}  // namespace kvsparse
