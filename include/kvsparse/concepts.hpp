@@ -43,7 +43,7 @@ struct AttendArgs {
     std::span<const float> queries;               ///< [group][head_dim], already rotated
     std::int32_t group = 1;                       ///< query heads sharing this KV head
     float scale = 1.0f;                           ///< usually 1/sqrt(head_dim)
-    std::span<const std::int32_t> key_rotation;   ///< per slot: rotate the key by this position; empty = none
+    std::span<const std::int32_t> key_rotation;   ///< per slot: turn the key by this many positions; empty = none
     Rope rope{};                                  ///< used with key_rotation
     std::span<float> out;                         ///< [group][head_dim]
     std::span<float> probabilities;               ///< per slot, += sum over the group; empty = not wanted

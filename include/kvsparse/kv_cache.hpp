@@ -33,10 +33,12 @@ struct CacheConfig {
     ModelShape shape;
     std::int32_t page_size = 16;  ///< tokens per page, a power of two
     std::int32_t num_pages = 0;   ///< pages in the shared pool; a page holds page_size tokens of one KV head
-    /// When set, queries and keys arrive before RoPE and the cache rotates them: keys at their absolute
-    /// position on append, or at their rank in the attended set for a policy with in-cache positions.
-    /// When empty, q and k are used as given (already rotated by the engine).
+    /// The model's RoPE. Needed when the cache rotates (inputs not yet rotated) and for policies with
+    /// in-cache positions. When empty, q and k are used exactly as given.
     std::optional<Rope> rope;
+    /// True when q and k arrive already rotated at their absolute positions (as engines cache them);
+    /// false when they arrive before RoPE and the cache rotates them (only with `rope` set).
+    bool inputs_rotated = false;
 };
 
 using SequenceId = std::int32_t;
@@ -322,7 +324,7 @@ private:
             detail::require(config.rope->theta > 0.0f, "rope.theta", config.rope->theta, "must be positive");
         }
         detail::require(!policy.rotates_in_cache() || config.rope.has_value(), "rope", "none",
-                        "in-cache positions need CacheConfig::rope (the cache rotates keys itself)");
+                        "in-cache positions need CacheConfig::rope to re-rotate keys");
         return config;
     }
 
@@ -392,11 +394,13 @@ private:
         s.next_position = position + 1;
     }
 
-    /// Keys as stored: rotated at their absolute positions when the cache applies RoPE and the policy
-    /// does not rotate in-cache; otherwise the caller's keys untouched.
+    /// Stored keys are always rotated at their absolute positions (when there is a RoPE at all); in-cache
+    /// positions are applied at attention time as a shift, like an engine's K-shift.
+    bool cache_rotates() const { return config_.rope.has_value() && !config_.inputs_rotated; }
+
     std::span<const float> rotated_keys(std::span<const float> keys, std::int32_t first, std::int32_t n,
                                         stream_type stream) {
-        if (!config_.rope || policy_.rotates_in_cache()) return keys;
+        if (!cache_rotates()) return keys;
         rotated_.assign(keys.begin(), keys.end());
         positions_.resize(static_cast<std::size_t>(n));
         std::iota(positions_.begin(), positions_.end(), first);
@@ -416,18 +420,23 @@ private:
         const std::int32_t group = config_.shape.group_size();
         std::span<const float> q = queries;
         std::span<const std::int32_t> key_rotation;
-        if (config_.rope) {
-            const bool in_cache = policy_.rotates_in_cache();
+        // Absolute: the query turns to qpos (if the cache rotates). In-cache: every key turns from its
+        // position to its rank in the set, and the query to the last rank.
+        const bool in_cache = policy_.rotates_in_cache();
+        const std::int32_t query_turn = (cache_rotates() ? qpos : 0) +
+                                        (in_cache ? static_cast<std::int32_t>(slots.size()) - 1 - qpos : 0);
+        if (query_turn != 0 || cache_rotates()) {
             query_.assign(queries.begin(), queries.end());
-            const std::int32_t query_position = in_cache ? static_cast<std::int32_t>(slots.size()) - 1 : qpos;
-            positions_.assign(1, query_position);
+            positions_.assign(1, query_turn);
             backend_.rope(query_, group, dim, positions_, *config_.rope, stream);
             q = query_;
-            if (in_cache) {
-                key_rotation_.resize(slots.size());
-                std::iota(key_rotation_.begin(), key_rotation_.end(), 0);
-                key_rotation = key_rotation_;
+        }
+        if (in_cache) {
+            key_rotation_.resize(slots.size());
+            for (std::size_t i = 0; i < slots.size(); ++i) {
+                key_rotation_[i] = static_cast<std::int32_t>(i) - s.positions[static_cast<std::size_t>(slots[i])];
             }
+            key_rotation = key_rotation_;
         }
         const std::size_t bytes = Backend::workspace_bytes(group, static_cast<std::int32_t>(slots.size()), dim);
         if (workspace_.size() < bytes) workspace_.resize(bytes);
