@@ -35,7 +35,7 @@ struct CacheConfig {
     std::int32_t num_pages = 0;   ///< pages in the shared pool; a page holds page_size tokens of one KV head
     /// The model's RoPE. Needed when the cache rotates (inputs not yet rotated) and for policies with
     /// in-cache positions. When empty, q and k are used exactly as given.
-    std::optional<Rope> rope;
+    std::optional<Rope> rope{};  // "{}": omitting it in designated initializers is not a GCC warning
     /// True when q and k arrive already rotated at their absolute positions (as engines cache them);
     /// false when they arrive before RoPE and the cache rotates them (only with `rope` set).
     bool inputs_rotated = false;
@@ -218,8 +218,7 @@ public:
                         "must be n * q_heads * head_dim, n from keys");
         detail::require(out.size() == queries.size(), "out.size()", out.size(), "must equal queries.size()");
         // The chunk is stored after every held slot, whatever the capacity, until eviction runs.
-        reserve_pages(sequence, layer, n,
-                      [&](std::int32_t slots, std::int32_t) { return std::int64_t{slots} + n; });
+        reserve_pages(sequence, layer, [&](std::int32_t slots, std::int32_t) { return std::int64_t{slots} + n; });
 
         const std::int32_t first = sequence.lengths[static_cast<std::size_t>(layer)];
         std::span<const float> stored_keys = rotated_keys(keys, first, n, stream);

@@ -23,9 +23,10 @@ public:
     struct stream_type {};
 
     /// Scratch `attend` needs for `group` query heads over `slots` keys of dimension `head_dim`.
+    /// (Scores, one widened key, and the cos/sin of one key rotation.)
     static std::size_t workspace_bytes(std::int32_t group, std::int32_t slots, std::int32_t head_dim) {
         return sizeof(float) * (static_cast<std::size_t>(group) * static_cast<std::size_t>(slots) +
-                                static_cast<std::size_t>(head_dim));
+                                2 * static_cast<std::size_t>(head_dim));
     }
 
     /// Store token i's key and value (rows `i * src_stride` of `keys` / `values`) into `slots[i]`.
@@ -88,14 +89,37 @@ public:
         const std::size_t group = static_cast<std::size_t>(a.group);
         float* scores = reinterpret_cast<float*>(workspace.data());  // [group][n]
         float* key = scores + group * n;                             // one widened key
+        float* cosines = key + dim;                                  // turns of the last key rotation
+        float* sines = cosines + dim / 2;
         std::fill(a.out.begin(), a.out.end(), 0.0f);
         if (n == 0) return;
 
         // Pass 1: scores. Each key is widened (and rotated) once and shared by the whole group.
+        // Rotations come in runs of equal deltas (in-cache positions: one for the sinks, one for the
+        // window), so the turns are computed once per run; the result equals rope_rotate bit for bit.
+        const std::int32_t pairs = static_cast<std::int32_t>(dim / 2);
+        bool have_turns = false;
+        std::int32_t turned_by = 0;
         for (std::size_t j = 0; j < n; ++j) {
             const T* k = a.stream.key(a.slots[j]);
             for (std::size_t d = 0; d < dim; ++d) key[d] = to_float(k[d]);
-            if (!a.key_rotation.empty()) rope_rotate(key, static_cast<std::int32_t>(dim), a.key_rotation[j], a.rope);
+            if (!a.key_rotation.empty()) {
+                const std::int32_t delta = a.key_rotation[j];
+                if (!have_turns || delta != turned_by) {
+                    for (std::int32_t p = 0; p < pairs; ++p) {
+                        const RopeTurn turn = rope_turn(p, static_cast<std::int32_t>(dim), delta, a.rope.theta);
+                        cosines[p] = turn.c;
+                        sines[p] = turn.s;
+                    }
+                    have_turns = true;
+                    turned_by = delta;
+                }
+                for (std::int32_t p = 0; p < pairs; ++p) {
+                    float& xa = key[rope_first(a.rope.style, p)];
+                    float& xb = key[rope_second(a.rope.style, p, static_cast<std::int32_t>(dim))];
+                    rope_apply(xa, xb, RopeTurn{cosines[p], sines[p]});
+                }
+            }
             for (std::size_t g = 0; g < group; ++g) {
                 const float* q = a.queries.data() + g * dim;
                 float dot = 0.0f;

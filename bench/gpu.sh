@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: configure, build the CUDA tests and the GPU benchmark, run both, and
+# write everything to one results file. No arguments; run from the repository root:
+#
+#     bench/gpu.sh
+#
+# Build directory: build-gpu. Results: build-gpu/gpu-results.txt, or the path in $KVSPARSE_GPU_RESULTS.
+# Exit status: non-zero if the configure, the build, a CUDA test or the benchmark failed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+build=build-gpu
+results=${KVSPARSE_GPU_RESULTS:-$build/gpu-results.txt}
+jobs=$(nproc 2>/dev/null || echo 4)
+generator=()
+if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
+
+mkdir -p "$build" "$(dirname "$results")"
+: >"$results"
+log() { printf '%s\n' "$*" | tee -a "$results"; }
+run() {  # run a command, its output into the results too; returns its status
+    log "\$ $*"
+    "$@" 2>&1 | tee -a "$results"
+    return "${PIPESTATUS[0]}"
+}
+
+log "kvsparse GPU run, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+fi
+
+status=0
+SECONDS=0
+# Only sm_90 code is needed for an H200, but the targets build sm_80 and sm_90 as in CI.
+if ! run cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DKVSPARSE_CUDA=ON \
+        -DKVSPARSE_BUILD_TESTS=ON -DKVSPARSE_BUILD_BENCHMARKS=ON -DKVSPARSE_BUILD_EXAMPLES=OFF; then
+    log "configure failed"
+    exit 1
+fi
+if ! grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=.*nvcc' "$build/CMakeCache.txt"; then
+    log "no CUDA compiler found by CMake (is nvcc on PATH or CUDACXX set?)"
+    exit 1
+fi
+if ! run cmake --build "$build" --target test_cuda gpu_bench -j "$jobs"; then
+    log "build failed"
+    exit 1
+fi
+log "configure + build: ${SECONDS} s"
+
+log ""
+log "== CUDA tests (CudaBackend against CpuBackend) =="
+SECONDS=0
+run ctest --test-dir "$build" -L cuda --output-on-failure --timeout 120 || status=1
+# A skip here means the tests found no device: that is a failure on a GPU machine.
+if grep -q '(Skipped)' "$results"; then
+    log "CUDA tests were skipped: no usable CUDA device"
+    status=1
+fi
+log "tests: ${SECONDS} s"
+
+log ""
+log "== CUDA primitive timings =="
+SECONDS=0
+run "$build/bench/gpu_bench" || status=1
+log "benchmark: ${SECONDS} s"
+
+log ""
+log "results: $results (status $status)"
+exit "$status"

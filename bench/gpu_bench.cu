@@ -1,0 +1,281 @@
+// Times the CudaBackend primitives on shapes of a Llama-class model (head_dim 128, 8 KV heads, 4 query
+// heads per KV head) and reports achieved bandwidth against the device's peak. Memory-bound kernels
+// should approach the peak; single-stream attention over few slots cannot fill a large GPU (one block
+// per 64 slots), which the numbers show. Run through bench/gpu.sh.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <kvsparse/backends/cuda_backend.cuh>
+
+namespace {
+
+using kvsparse::CudaBackend;
+using kvsparse::cuda::check;
+
+template <class T>
+struct Device {
+    T* data = nullptr;
+    std::size_t size = 0;
+    explicit Device(std::size_t n) : size(n) { check(cudaMalloc(reinterpret_cast<void**>(&data), n * sizeof(T) + 16), "cudaMalloc"); }
+    explicit Device(const std::vector<T>& host) : Device(host.size()) {
+        check(cudaMemcpy(data, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy");
+    }
+    Device(const Device&) = delete;
+    Device& operator=(const Device&) = delete;
+    ~Device() { cudaFree(data); }
+    std::span<T> span() const { return {data, size}; }
+    std::span<const T> cspan() const { return {data, size}; }
+};
+
+/// Deterministic pseudo-random contents in [-1, 1), stored as T.
+template <class T>
+__global__ void fill_kernel(T* p, std::size_t n, std::uint32_t seed) {
+    for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x) {
+        std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = kvsparse::from_float<T>(static_cast<float>(h & 0xffffu) / 32768.0f - 1.0f);
+    }
+}
+
+template <class T>
+void fill(Device<T>& d, std::uint32_t seed) {
+    fill_kernel<<<1024, 256>>>(d.data, d.size, seed);
+    check(cudaGetLastError(), "fill_kernel");
+}
+
+double peak_bytes_per_second = 0.0;
+std::FILE* out = stdout;
+
+/// Mean milliseconds per call of `f` on `stream`, after warm-up.
+template <class F>
+double time_ms(cudaStream_t stream, F&& f, int iterations = 50) {
+    for (int i = 0; i < 3; ++i) f();
+    cudaEvent_t start, stop;
+    check(cudaEventCreate(&start), "cudaEventCreate");
+    check(cudaEventCreate(&stop), "cudaEventCreate");
+    check(cudaEventRecord(start, stream), "cudaEventRecord");
+    for (int i = 0; i < iterations; ++i) f();
+    check(cudaEventRecord(stop, stream), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    return static_cast<double>(ms) / iterations;
+}
+
+void report(const std::string& name, const std::string& shape, double ms, double bytes) {
+    const double gbs = bytes / (ms * 1e-3) / 1e9;
+    std::fprintf(out, "%-28s %-44s %10.2f us %9.1f GB/s %6.1f %% of peak\n", name.c_str(), shape.c_str(), ms * 1e3, gbs,
+                 100.0 * gbs * 1e9 / peak_bytes_per_second);
+}
+
+template <class T>
+const char* type_name() {
+    if constexpr (std::is_same_v<T, float>) return "f32";
+    else if constexpr (std::is_same_v<T, kvsparse::half>) return "f16";
+    else return "bf16";
+}
+
+std::vector<std::int32_t> shuffled(std::int32_t n, std::uint32_t seed) {
+    std::vector<std::int32_t> v(static_cast<std::size_t>(n));
+    std::iota(v.begin(), v.end(), 0);
+    std::mt19937 rng(seed);
+    std::shuffle(v.begin(), v.end(), rng);
+    return v;
+}
+
+/// A pool holding `heads` streams of `capacity` slots each, one head per page (kvsparse's own layout),
+/// pages of each stream scattered over the pool.
+template <class T>
+struct Streams {
+    static constexpr std::int32_t page_size = 16;
+    std::int32_t heads, capacity, dim, pages_per_head;
+    Device<T> keys, values;
+    Device<std::int32_t> tables;
+    Device<kvsparse::PageTableView> table_views;
+
+    Streams(std::int32_t h, std::int32_t cap, std::int32_t d)
+        : heads(h),
+          capacity(cap),
+          dim(d),
+          pages_per_head((cap + page_size - 1) / page_size),
+          keys(static_cast<std::size_t>(h) * static_cast<std::size_t>(pages_per_head) * page_size * static_cast<std::size_t>(d)),
+          values(keys.size),
+          tables(shuffled(h * pages_per_head, 1)),
+          table_views(views(tables.data, h, pages_per_head)) {
+        fill(keys, 2);
+        fill(values, 3);
+    }
+    static std::vector<kvsparse::PageTableView> views(const std::int32_t* tables, std::int32_t h, std::int32_t per) {
+        std::vector<kvsparse::PageTableView> v;
+        for (std::int32_t i = 0; i < h; ++i) v.push_back({tables + static_cast<std::size_t>(i) * static_cast<std::size_t>(per), per});
+        return v;
+    }
+    kvsparse::PagePoolView<T> pool(const Device<T>& d) const {
+        return kvsparse::PagePoolView<T>::packed(d.data, kvsparse::Layout::NHD, heads * pages_per_head, page_size, 1, dim);
+    }
+    kvsparse::HeadBatchView<T> batch() const {
+        return {pool(keys), pool(values), table_views.data, 1, 0, 0, heads};
+    }
+    kvsparse::StreamView<T> stream(std::int32_t h) const {
+        return {pool(keys), pool(values), {tables.data + static_cast<std::size_t>(h) * static_cast<std::size_t>(pages_per_head), pages_per_head}, 0};
+    }
+};
+
+template <class T>
+void bench_write(cudaStream_t stream) {
+    const std::int32_t heads = 8, dim = 128, tokens = 4096;
+    Streams<T> s(heads, tokens, dim);
+    Device<float> k(static_cast<std::size_t>(tokens) * heads * dim), v(k.size);
+    fill(k, 4);
+    fill(v, 5);
+    std::vector<std::int32_t> host_slots;
+    for (std::int32_t i = 0; i < tokens; ++i) host_slots.push_back(i);
+    Device<std::int32_t> slots(host_slots);  // one slot list shared by every head: a prefill chunk
+    const CudaBackend backend;
+    const double ms = time_ms(stream, [&] {
+        backend.write(s.batch(), slots.cspan(), k.cspan(), v.cspan(), tokens, std::int64_t{heads} * dim, dim, stream);
+    });
+    const double elements = 2.0 * tokens * heads * dim;
+    report(std::string("write (batched) ") + type_name<T>(), "4096 tokens x 8 heads x 128", ms,
+           elements * (sizeof(float) + sizeof(T)));
+}
+
+template <class T>
+void bench_copy(cudaStream_t stream) {
+    const std::int32_t dim = 128, count = 8192;
+    Streams<T> s(1, 2 * count, dim);
+    const std::vector<std::int32_t> order = shuffled(2 * count, 6);
+    Device<std::int32_t> from(std::vector<std::int32_t>(order.begin(), order.begin() + count));
+    Device<std::int32_t> to(std::vector<std::int32_t>(order.begin() + count, order.end()));
+    Device<std::byte> scratch(CudaBackend::copy_workspace_bytes<T>(count, dim));
+    const CudaBackend backend(scratch.span());
+    const double ms = time_ms(stream, [&] { backend.copy_slots(s.stream(0), from.cspan(), to.cspan(), stream); });
+    // Gather and scatter each read and write every byte once.
+    report(std::string("copy_slots ") + type_name<T>(), "8192 tokens x 128, staged", ms,
+           4.0 * 2.0 * count * dim * sizeof(T));
+}
+
+void bench_rope(cudaStream_t stream) {
+    const std::int32_t heads = 32, dim = 128;
+    for (const std::int32_t tokens : {1, 4096}) {
+        Device<float> x(static_cast<std::size_t>(tokens) * heads * dim);
+        fill(x, 7);
+        std::vector<std::int32_t> host_positions(static_cast<std::size_t>(tokens));
+        std::iota(host_positions.begin(), host_positions.end(), 1000);
+        Device<std::int32_t> positions(host_positions);
+        const CudaBackend backend;
+        for (const auto style : {kvsparse::RopeStyle::interleaved, kvsparse::RopeStyle::half_split}) {
+            const double ms = time_ms(stream, [&] {
+                backend.rope(x.span(), heads, dim, positions.cspan(), kvsparse::Rope{style, 10000.0f}, stream);
+            });
+            report(std::string("rope f32 ") + (style == kvsparse::RopeStyle::interleaved ? "interleaved" : "half-split"),
+                   std::to_string(tokens) + " tokens x 32 heads x 128", ms, 2.0 * tokens * heads * dim * sizeof(float));
+        }
+    }
+}
+
+template <class T>
+void bench_shift(cudaStream_t stream) {
+    const std::int32_t heads = 8, dim = 128, per_head = 8192;
+    Streams<T> s(heads, per_head, dim);
+    std::vector<std::int32_t> host_slots(static_cast<std::size_t>(per_head));
+    std::iota(host_slots.begin(), host_slots.end(), 0);
+    Device<std::int32_t> slots(host_slots);  // every head shifts the same slots (llama.cpp's K-shift)
+    const CudaBackend backend;
+    const double ms = time_ms(stream, [&] {
+        backend.shift_keys(s.batch(), slots.cspan(), per_head, -512, kvsparse::Rope{}, stream);
+    });
+    report(std::string("shift_keys (batched) ") + type_name<T>(), "8 heads x 8192 slots x 128", ms,
+           2.0 * heads * per_head * dim * sizeof(T));
+}
+
+template <class T>
+void bench_attend(cudaStream_t stream) {
+    const std::int32_t group = 4, dim = 128;
+    for (const std::int32_t n : {4096, 32768, 131072}) {
+        Streams<T> s(1, n, dim);
+        std::vector<std::int32_t> host_slots(static_cast<std::size_t>(n));
+        std::iota(host_slots.begin(), host_slots.end(), 0);
+        Device<std::int32_t> slots(host_slots);
+        Device<float> queries(static_cast<std::size_t>(group) * dim), result(queries.size), probabilities(static_cast<std::size_t>(n));
+        fill(queries, 8);
+        check(cudaMemset(probabilities.data, 0, probabilities.size * sizeof(float)), "cudaMemset");
+        Device<std::byte> workspace(CudaBackend::workspace_bytes(group, n, dim));
+        const CudaBackend backend;
+        for (const bool with_probabilities : {false, true}) {
+            const kvsparse::AttendArgs<T> args{s.stream(0),
+                                               slots.cspan(),
+                                               queries.cspan(),
+                                               group,
+                                               0.08838834764f,
+                                               {},
+                                               kvsparse::Rope{},
+                                               result.span(),
+                                               with_probabilities ? probabilities.span() : std::span<float>{}};
+            const double ms = time_ms(stream, [&] { backend.attend(args, workspace.span(), stream); });
+            report(std::string("attend ") + type_name<T>() + (with_probabilities ? " +probabilities" : ""),
+                   "group 4 x 128 over " + std::to_string(n) + " slots", ms, 2.0 * n * dim * sizeof(T));
+        }
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc > 1) out = std::fopen(argv[1], "w");
+    if (out == nullptr) {
+        std::fprintf(stderr, "cannot write %s\n", argv[1]);
+        return 2;
+    }
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+        std::fprintf(out, "no CUDA device\n");
+        return 1;
+    }
+    try {
+        cudaDeviceProp prop{};
+        check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+        int memory_khz = 0, bus_bits = 0;
+        check(cudaDeviceGetAttribute(&memory_khz, cudaDevAttrMemoryClockRate, 0), "memory clock");
+        check(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0), "bus width");
+        peak_bytes_per_second = 2.0 * memory_khz * 1e3 * bus_bits / 8.0;  // double data rate
+        std::fprintf(out, "device: %s, sm_%d%d, %d SMs, %.0f GiB, peak memory bandwidth %.0f GB/s\n", prop.name,
+                     prop.major, prop.minor, prop.multiProcessorCount,
+                     static_cast<double>(prop.totalGlobalMem) / (1 << 30), peak_bytes_per_second / 1e9);
+        std::fprintf(out, "%-28s %-44s %13s %14s %16s\n", "primitive", "shape", "time/call", "achieved", "ratio");
+
+        cudaStream_t stream;
+        check(cudaStreamCreate(&stream), "cudaStreamCreate");
+        bench_write<float>(stream);
+        bench_write<kvsparse::half>(stream);
+        bench_write<kvsparse::bfloat16>(stream);
+        bench_copy<kvsparse::half>(stream);
+        bench_copy<float>(stream);
+        bench_rope(stream);
+        bench_shift<kvsparse::half>(stream);
+        bench_shift<float>(stream);
+        bench_attend<kvsparse::half>(stream);
+        bench_attend<float>(stream);
+        check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    } catch (const kvsparse::error& e) {
+        std::fprintf(out, "error: %s\n", e.what());
+        return 1;
+    }
+    if (out != stdout) std::fclose(out);
+    return 0;
+}

@@ -1,0 +1,226 @@
+#pragma once
+// CudaBackend: the backend primitives as CUDA kernels (kernels/kvsparse/cuda). Include only from CUDA
+// translation units and link kvsparse::cuda.
+//
+// Every call enqueues its kernels on the stream passed last (default: the legacy default stream) and
+// returns; nothing synchronizes and nothing allocates. All pointers, those in the views and the data of
+// every span, are device memory (or memory the device can address); the host only reads span sizes.
+// Faults inside a kernel surface at the caller's next synchronization; launch failures throw
+// kvsparse::error with the CUDA error string; inconsistent sizes throw kvsparse::invalid_argument.
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "kvsparse/concepts.hpp"
+#include "kvsparse/cuda/append.cuh"
+#include "kvsparse/cuda/attend.cuh"
+#include "kvsparse/cuda/common.cuh"
+#include "kvsparse/cuda/rope.cuh"
+#include "kvsparse/dtype.hpp"
+#include "kvsparse/error.hpp"
+#include "kvsparse/rope.hpp"
+#include "kvsparse/views.hpp"
+
+namespace kvsparse {
+
+class CudaBackend {
+public:
+    using stream_type = cudaStream_t;
+
+    CudaBackend() = default;
+    /// `copy_scratch`: device memory that copy_slots without a workspace argument stages tokens through,
+    /// sized once by the caller with copy_workspace_bytes for the largest copy.
+    explicit CudaBackend(std::span<std::byte> copy_scratch) : copy_scratch_(copy_scratch) {}
+
+    /// Workspace `attend` needs for `group` query heads over `slots` keys of dimension `head_dim`.
+    static std::size_t workspace_bytes(std::int32_t group, std::int32_t slots, std::int32_t head_dim) {
+        return sizeof(float) * cuda::attend_workspace_floats(group, slots, head_dim);
+    }
+
+    /// Workspace `copy_slots` needs to move `count` tokens of `head_dim` elements of type T.
+    template <storage_type T>
+    static std::size_t copy_workspace_bytes(std::int32_t count, std::int32_t head_dim) {
+        return cuda::copy_scratch_bytes<T>(count, head_dim);
+    }
+
+    /// Store token i's key and value (rows `i * src_stride` of `keys` / `values`) into `slots[i]`.
+    /// Slots must be distinct: the tokens are stored in parallel.
+    template <storage_type T>
+    void write(const StreamView<T>& stream, std::span<const std::int32_t> slots, std::span<const float> keys,
+               std::span<const float> values, std::int32_t src_stride, stream_type cuda_stream = nullptr) const {
+        const std::int32_t dim = same_dims(stream.keys, stream.values);
+        const auto tokens = count_of(slots.size(), "slots.size()");
+        detail::require(src_stride >= 0, "src_stride", src_stride, "must not be negative");
+        require_rows(keys, "keys.size()", tokens, src_stride, 0, 1, dim);
+        require_rows(values, "values.size()", tokens, src_stride, 0, 1, dim);
+        const cuda::WriteRows rows{slots.data(), false, keys.data(), values.data(), src_stride, 0, tokens, 1, dim};
+        cuda::launch_write(cuda::OneStream<T>{stream}, stream.keys, stream.values, rows, cuda_stream);
+    }
+
+    /// Batched append, one launch for `tokens` tokens of every head of `heads`: row (token i, head h) of
+    /// `keys` / `values` starts at `i * token_stride + h * head_stride`. `slots` holds either one slot
+    /// per token, used by every head (heads sharing slot numbers), or one per (token, head), [tokens][heads]
+    /// (heads placing tokens independently, as kvsparse policies do). Slots of a head must be distinct.
+    template <storage_type T>
+    void write(const HeadBatchView<T>& heads, std::span<const std::int32_t> slots, std::span<const float> keys,
+               std::span<const float> values, std::int32_t tokens, std::int64_t token_stride, std::int64_t head_stride,
+               stream_type cuda_stream = nullptr) const {
+        const std::int32_t dim = same_dims(heads.keys, heads.values);
+        detail::require(tokens >= 0, "tokens", tokens, "must not be negative");
+        detail::require(heads.num_heads >= 0, "heads.num_heads", heads.num_heads, "must not be negative");
+        const std::int64_t per_token = slots.size() == static_cast<std::size_t>(tokens) ? 1 : heads.num_heads;
+        detail::require(static_cast<std::int64_t>(slots.size()) == std::int64_t{tokens} * per_token, "slots.size()",
+                        slots.size(), "must be tokens or tokens * heads.num_heads");
+        detail::require(token_stride >= 0 && head_stride >= 0, "token_stride", token_stride,
+                        "strides must not be negative");
+        require_rows(keys, "keys.size()", tokens, token_stride, head_stride, heads.num_heads, dim);
+        require_rows(values, "values.size()", tokens, token_stride, head_stride, heads.num_heads, dim);
+        const cuda::WriteRows rows{slots.data(), per_token != 1, keys.data(), values.data(), token_stride,
+                                   head_stride, tokens, heads.num_heads, dim};
+        cuda::launch_write(heads, heads.keys, heads.values, rows, cuda_stream);
+    }
+
+    /// Move the tokens in `from[i]` to `to[i]`; all sources are read before any destination is written
+    /// (staged through the scratch given at construction). Destinations must be distinct.
+    template <storage_type T>
+    void copy_slots(const StreamView<T>& stream, std::span<const std::int32_t> from, std::span<const std::int32_t> to,
+                    stream_type cuda_stream = nullptr) const {
+        copy_slots(stream, from, to, copy_scratch_, cuda_stream);
+    }
+
+    /// copy_slots staged through `workspace` (copy_workspace_bytes<T>(from.size(), head_dim) bytes of
+    /// 16-byte aligned device memory).
+    template <storage_type T>
+    void copy_slots(const StreamView<T>& stream, std::span<const std::int32_t> from, std::span<const std::int32_t> to,
+                    std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
+        const std::int32_t dim = same_dims(stream.keys, stream.values);
+        const auto count = count_of(from.size(), "from.size()");
+        detail::require(to.size() == from.size(), "to.size()", to.size(), "must equal from.size()");
+        if (count == 0) return;
+        const std::size_t needed = copy_workspace_bytes<T>(count, dim);
+        if (workspace.size() < needed) {
+            throw invalid_argument("copy_slots workspace = " + std::to_string(workspace.size()) +
+                                   " bytes: must be at least copy_workspace_bytes = " + std::to_string(needed) +
+                                   " (construct CudaBackend with device scratch, or pass a workspace)");
+        }
+        detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % 16 == 0, "copy_slots workspace", "address",
+                        "must be 16-byte aligned");
+        cuda::launch_copy_slots(stream, from.data(), to.data(), count, workspace.data(), cuda_stream);
+    }
+
+    /// Rotate x[token][head][dim] in place, token i at positions[i].
+    void rope(std::span<float> x, std::int32_t heads, std::int32_t dim, std::span<const std::int32_t> positions,
+              Rope rope, stream_type cuda_stream = nullptr) const {
+        const auto tokens = count_of(positions.size(), "positions.size()");
+        detail::require(heads >= 0, "heads", heads, "must not be negative");
+        detail::require(dim >= 0, "dim", dim, "must not be negative");
+        detail::require(x.size() >= static_cast<std::size_t>(tokens) * static_cast<std::size_t>(heads) *
+                                        static_cast<std::size_t>(dim),
+                        "x.size()", x.size(), "must hold positions.size() * heads * dim floats");
+        cuda::launch_rope(x.data(), tokens, heads, dim, positions.data(), rope, cuda_stream);
+    }
+
+    /// K-shift: re-rotate the cached keys in `slots` by `delta` positions.
+    template <storage_type T>
+    void shift_keys(const StreamView<T>& stream, std::span<const std::int32_t> slots, std::int32_t delta, Rope rope,
+                    stream_type cuda_stream = nullptr) const {
+        const auto count = count_of(slots.size(), "slots.size()");
+        require_shift_dim(stream.keys.head_dim);
+        cuda::launch_shift<T>(cuda::OneStream<T>{stream}, 1, slots.data(), count, true, stream.keys.head_dim, delta,
+                              rope, cuda_stream);
+    }
+
+    /// Batched K-shift, one launch for every head of `heads`: `slots` holds either one list of `per_head`
+    /// slots that every head shifts (heads sharing slot numbers), or one list per head, [heads][per_head].
+    template <storage_type T>
+    void shift_keys(const HeadBatchView<T>& heads, std::span<const std::int32_t> slots, std::int32_t per_head,
+                    std::int32_t delta, Rope rope, stream_type cuda_stream = nullptr) const {
+        detail::require(per_head >= 0, "per_head", per_head, "must not be negative");
+        detail::require(heads.num_heads >= 0, "heads.num_heads", heads.num_heads, "must not be negative");
+        const bool shared = slots.size() == static_cast<std::size_t>(per_head);
+        detail::require(shared || slots.size() == static_cast<std::size_t>(per_head) * static_cast<std::size_t>(heads.num_heads),
+                        "slots.size()", slots.size(), "must be per_head or per_head * heads.num_heads");
+        require_shift_dim(heads.keys.head_dim);
+        cuda::launch_shift<T>(heads, heads.num_heads, slots.data(), per_head, shared, heads.keys.head_dim, delta, rope,
+                              cuda_stream);
+    }
+
+    /// Softmax attention of `group` query heads over the keys in `slots`; see AttendArgs. `workspace`:
+    /// workspace_bytes(group, slots, head_dim) bytes of 4-byte aligned device memory.
+    template <storage_type T>
+    void attend(const AttendArgs<T>& a, std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
+        const std::int32_t dim = same_dims(a.stream.keys, a.stream.values);
+        const auto n = count_of(a.slots.size(), "slots.size()");
+        detail::require(a.group >= 1, "group", a.group, "must be at least 1");
+        const std::size_t q_size = static_cast<std::size_t>(a.group) * static_cast<std::size_t>(dim);
+        detail::require(a.queries.size() == q_size, "queries.size()", a.queries.size(), "must be group * head_dim");
+        detail::require(a.out.size() == q_size, "out.size()", a.out.size(), "must be group * head_dim");
+        detail::require(a.key_rotation.empty() || a.key_rotation.size() == a.slots.size(), "key_rotation.size()",
+                        a.key_rotation.size(), "must be 0 or slots.size()");
+        detail::require(a.probabilities.empty() || a.probabilities.size() == a.slots.size(), "probabilities.size()",
+                        a.probabilities.size(), "must be 0 or slots.size()");
+        if (n == 0) {
+            check(cudaMemsetAsync(a.out.data(), 0, a.out.size_bytes(), cuda_stream), "attend: clearing out");
+            return;
+        }
+        detail::require(workspace.size() >= workspace_bytes(a.group, n, dim), "workspace.size()", workspace.size(),
+                        "must be at least workspace_bytes(group, slots, head_dim)");
+        detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0, "workspace", "address",
+                        "must be 4-byte aligned");
+        cuda::AttendParams<T> p;
+        p.stream = a.stream;
+        p.slots = a.slots.data();
+        p.n = n;
+        p.queries = a.queries.data();
+        p.group = a.group;
+        p.dim = dim;
+        p.scale = a.scale;
+        p.key_rotation = a.key_rotation.empty() ? nullptr : a.key_rotation.data();
+        p.rope = a.rope;
+        p.out = a.out.data();
+        p.probabilities = a.probabilities.empty() ? nullptr : a.probabilities.data();
+        p.chunks = cuda::attend_chunks(n);
+        cuda::attend_layout(p, reinterpret_cast<float*>(workspace.data()));
+        cuda::launch_attend(p, cuda_stream);
+    }
+
+private:
+    static void check(cudaError_t status, const char* what) { cuda::check(status, what); }
+
+    static std::int32_t count_of(std::size_t size, const char* field) {
+        detail::require(size <= static_cast<std::size_t>(INT32_MAX), field, size, "must fit in int32");
+        return static_cast<std::int32_t>(size);
+    }
+
+    template <storage_type T>
+    static std::int32_t same_dims(const PagePoolView<T>& keys, const PagePoolView<T>& values) {
+        detail::require(keys.head_dim >= 0, "keys.head_dim", keys.head_dim, "must not be negative");
+        detail::require(values.head_dim == keys.head_dim, "values.head_dim", values.head_dim,
+                        "must equal keys.head_dim");
+        return keys.head_dim;
+    }
+
+    /// `span` holds every row read: (tokens - 1) * token_stride + (heads - 1) * head_stride + dim.
+    static void require_rows(std::span<const float> span, const char* field, std::int32_t tokens,
+                             std::int64_t token_stride, std::int64_t head_stride, std::int32_t heads, std::int32_t dim) {
+        if (tokens == 0 || heads == 0 || dim == 0) return;
+        const std::int64_t last = std::int64_t{tokens - 1} * token_stride + std::int64_t{heads - 1} * head_stride + dim;
+        detail::require(static_cast<std::int64_t>(span.size()) >= last, field, span.size(),
+                        "too small for the rows its strides address");
+    }
+
+    static void require_shift_dim(std::int32_t dim) {
+        detail::require(dim >= 0 && cuda::shift_shared_bytes(dim) <= 48 * 1024, "head_dim", dim,
+                        "must be in [0, 12288] for shift_keys");
+    }
+
+    std::span<std::byte> copy_scratch_;
+};
+
+static_assert(kv_backend<CudaBackend>);
+
+}  // namespace kvsparse

@@ -1,0 +1,199 @@
+// The concepts accept every shipped policy and backend, and reject types that lack any one requirement.
+// Each broken type is the valid minimal one with exactly one part missing or wrong, so a rejection
+// can only come from that part.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <type_traits>
+
+#include "catch.hpp"
+
+#include <kvsparse/kvsparse.hpp>
+
+namespace {
+
+using kvsparse::StreamState;
+
+// ---- policies, assembled from one mixin per requirement ----------------------------------------------
+
+struct Capacity {
+    std::int32_t capacity(std::int32_t, std::int32_t) const { return 8; }
+};
+struct Place {
+    std::int32_t place(const StreamState& s) const { return s.next_position % 8; }
+};
+struct Retain {
+    bool retain(const StreamState&, std::int32_t) const { return true; }
+};
+struct PrefillVisible {
+    bool prefill_visible(std::int32_t, std::int32_t, std::int32_t, std::int32_t) const { return true; }
+};
+struct Select {
+    std::int32_t select(const StreamState&, std::span<std::int32_t>) const { return 0; }
+};
+struct Rotates {
+    bool rotates_in_cache() const { return false; }
+};
+
+// Wrong variants of the same members.
+struct CapacityWide {
+    std::int64_t capacity(std::int32_t, std::int32_t) const { return 8; }
+};
+struct PlaceMutating {
+    std::int32_t place(const StreamState&) { return 0; }  // not callable on a const policy
+};
+struct RetainInt {
+    int retain(const StreamState&, std::int32_t) const { return 1; }
+};
+struct PrefillVisibleTwoArgs {
+    bool prefill_visible(std::int32_t, std::int32_t) const { return true; }
+};
+struct SelectIntoPointer {
+    std::int32_t select(const StreamState&, std::int32_t*) const { return 0; }
+};
+struct RotatesVoid {
+    void rotates_in_cache() const {}
+};
+struct NotCopyable {
+    NotCopyable() = default;
+    NotCopyable(const NotCopyable&) = delete;
+};
+
+template <class... Parts>
+struct PolicyOf : Parts... {};
+
+using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates>;
+
+// ---- backends -----------------------------------------------------------------------------------------
+
+struct Tag {};
+struct StreamType {
+    using stream_type = Tag;
+};
+struct WorkspaceBytes {
+    static std::size_t workspace_bytes(std::int32_t, std::int32_t, std::int32_t) { return 0; }
+};
+struct Write {
+    template <kvsparse::storage_type T>
+    void write(const kvsparse::StreamView<T>&, std::span<const std::int32_t>, std::span<const float>,
+               std::span<const float>, std::int32_t, Tag = {}) const {}
+};
+struct CopySlots {
+    template <kvsparse::storage_type T>
+    void copy_slots(const kvsparse::StreamView<T>&, std::span<const std::int32_t>, std::span<const std::int32_t>,
+                    Tag = {}) const {}
+};
+struct RopeOp {
+    void rope(std::span<float>, std::int32_t, std::int32_t, std::span<const std::int32_t>, kvsparse::Rope, Tag = {}) const {}
+};
+struct ShiftKeys {
+    template <kvsparse::storage_type T>
+    void shift_keys(const kvsparse::StreamView<T>&, std::span<const std::int32_t>, std::int32_t, kvsparse::Rope,
+                    Tag = {}) const {}
+};
+struct Attend {
+    template <kvsparse::storage_type T>
+    void attend(const kvsparse::AttendArgs<T>&, std::span<std::byte>, Tag = {}) const {}
+};
+
+struct WorkspaceBytesInt {
+    static int workspace_bytes(std::int32_t, std::int32_t, std::int32_t) { return 0; }
+};
+struct WorkspaceBytesMember {  // needs an object: B::workspace_bytes(...) is ill-formed
+    std::size_t workspace_bytes(std::int32_t, std::int32_t, std::int32_t) const { return 0; }
+};
+struct AttendHalfOnly {
+    void attend(const kvsparse::AttendArgs<kvsparse::half>&, std::span<std::byte>, Tag = {}) const {}
+};
+struct WriteWithoutStride {
+    template <kvsparse::storage_type T>
+    void write(const kvsparse::StreamView<T>&, std::span<const std::int32_t>, std::span<const float>,
+               std::span<const float>, Tag = {}) const {}
+};
+
+template <class... Parts>
+struct BackendOf : Parts... {};
+
+using MinimalBackend = BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, RopeOp, ShiftKeys, Attend>;
+
+template <class P, class B = kvsparse::CpuBackend>
+concept cache_accepts = requires { typename kvsparse::KVCache<P, B>; };
+
+template <class T>
+concept cache_stores = requires { typename kvsparse::KVCache<kvsparse::Dense, kvsparse::CpuBackend, T>; };
+
+}  // namespace
+
+// ---- shipped types ----------------------------------------------------------------------------------------
+
+static_assert(kvsparse::kv_policy<kvsparse::Dense>);
+static_assert(kvsparse::kv_policy<kvsparse::SlidingWindow>);
+static_assert(kvsparse::kv_policy<kvsparse::AttentionSink>);
+static_assert(kvsparse::kv_backend<kvsparse::CpuBackend>);
+static_assert(cache_accepts<kvsparse::Dense>);
+static_assert(cache_accepts<kvsparse::SlidingWindow>);
+static_assert(cache_accepts<kvsparse::AttentionSink>);
+
+static_assert(kvsparse::storage_type<float>);
+static_assert(kvsparse::storage_type<kvsparse::half>);
+static_assert(kvsparse::storage_type<kvsparse::bfloat16>);
+static_assert(!kvsparse::storage_type<double>);
+static_assert(!kvsparse::storage_type<std::uint16_t>);
+static_assert(!kvsparse::storage_type<const float>);
+static_assert(cache_stores<kvsparse::half> && cache_stores<kvsparse::bfloat16> && !cache_stores<double>);
+
+static_assert(std::is_trivially_copyable_v<kvsparse::PagePoolView<float>>);
+static_assert(std::is_trivially_copyable_v<kvsparse::StreamView<kvsparse::bfloat16>>);
+static_assert(std::is_trivially_copyable_v<kvsparse::AttendArgs<float>>);
+
+// ---- hand-made policies: the complete one passes, each broken one fails ----------------------------------
+
+static_assert(kvsparse::kv_policy<MinimalPolicy>);
+static_assert(cache_accepts<MinimalPolicy>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates>>);     // no capacity
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillVisible, Select, Rotates>>);  // no place
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillVisible, Select, Rotates>>);   // no retain
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates>>);           // no prefill_visible
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Rotates>>);   // no select
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select>>);    // no rotates_in_cache
+static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillVisible, Select, Rotates>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillVisible, Select, Rotates>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillVisible, Select, Rotates>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisibleTwoArgs, Select, Rotates>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectIntoPointer, Rotates>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, RotatesVoid>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillVisible, Select, Rotates>>);
+static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates>>);
+static_assert(!kvsparse::kv_policy<int>);
+
+// ---- hand-made backends ------------------------------------------------------------------------------------
+
+static_assert(kvsparse::kv_backend<MinimalBackend>);
+static_assert(cache_accepts<kvsparse::Dense, MinimalBackend>);
+static_assert(!kvsparse::kv_backend<BackendOf<WorkspaceBytes, Write, CopySlots, RopeOp, ShiftKeys, Attend>>);  // no stream_type
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, Write, CopySlots, RopeOp, ShiftKeys, Attend>>);  // no workspace_bytes
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, CopySlots, RopeOp, ShiftKeys, Attend>>);  // no write
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, Write, RopeOp, ShiftKeys, Attend>>);  // no copy_slots
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, ShiftKeys, Attend>>);  // no rope
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, RopeOp, Attend>>);  // no shift_keys
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, RopeOp, ShiftKeys>>);  // no attend
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytesInt, Write, CopySlots, RopeOp, ShiftKeys, Attend>>);
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytesMember, Write, CopySlots, RopeOp, ShiftKeys, Attend>>);
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, RopeOp, ShiftKeys, AttendHalfOnly>>);
+static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, WriteWithoutStride, CopySlots, RopeOp, ShiftKeys, Attend>>);
+static_assert(!cache_accepts<kvsparse::Dense, BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, RopeOp, ShiftKeys>>);
+static_assert(!kvsparse::kv_backend<kvsparse::Dense>);
+
+TEST_CASE("concepts: shipped policies and the CPU backend qualify, broken types do not", "[concepts]") {
+    // The checks above are compile-time; this case records them in the test list and exercises the
+    // runtime side of a minimal custom policy through KVCache.
+    STATIC_REQUIRE(kvsparse::kv_policy<kvsparse::AttentionSink>);
+    STATIC_REQUIRE_FALSE(kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select>>);
+    kvsparse::KVCache<kvsparse::Dense, MinimalBackend> cache(kvsparse::CacheConfig{{1, 1, 1, 2}, 1, 4, {}},
+                                                             kvsparse::Dense{});
+    const auto seq = cache.add_sequence();
+    const float kv[2] = {1.0f, 2.0f};
+    cache.append(seq, 0, kv, kv);  // the custom backend's write is a no-op; bookkeeping still advances
+    CHECK(cache.length(seq, 0) == 1);
+}
