@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Build (preset "default") and run the main program: the quick start from the README.
+# Build (preset "default") and run the main job: kvsparse-eval on its embedded synthetic trace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 cmake --preset default
-cmake --build --preset default --parallel "${KVSPARSE_JOBS:-2}" --target kvsparse-quick-start
-./build/examples/kvsparse-quick-start
+cmake --build --preset default --parallel "${KVSPARSE_JOBS:-2}" --target kvsparse-eval
+./build/examples/kvsparse-eval "$@"

@@ -54,42 +54,47 @@ constexpr double tolerance = 1e-5;  // float32 attention against double, outputs
 
 }  // namespace
 
-TEST_CASE("AttentionSink{4, 1020}: a long stream never holds more than ceil(1024/16)+1 pages", "[cache][memory]") {
+TEST_CASE("AttentionSink{4 / 1020}: a long stream never holds more than ceil(1024/16)+1 pages", "[cache][memory]") {
     // Tiny dimensions keep a million appends fast; attention is checked at sparse checkpoints (it costs
     // 1024 keys per call).
     const int tokens = 1'000'000;
-    const int bound = (1024 + 15) / 16 + 1;
-    const ref::Tokens data{2024, 1, 1, 2};
-    KVCache<AttentionSink> cache(CacheConfig{{1, 1, 1, 2}, 16, 3 * bound}, AttentionSink{{4, 1020}});
+    const int bound = (1024 + 15) / 16 + 1;  // per (layer, KV head) stream
+    const int layers = 2, heads = 2, dim = 2;
+    const ref::Tokens data{2024, heads, heads, dim};
+    KVCache<AttentionSink> cache(CacheConfig{{layers, heads, heads, dim}, 16, layers * heads * bound}, AttentionSink{{4, 1020}});
     const auto seq = cache.add_sequence();
     const ref::PolicySpec spec{ref::PolicySpec::attention_sink, 4, 1020};
     const auto start = std::chrono::steady_clock::now();
-    float k[2], v[2], q[2], out[2];
-    std::int64_t worst_pages = 0;
+    std::vector<float> k(heads * dim), v(heads * dim), q(heads * dim), out(heads * dim);
     int failures = 0;
     for (int t = 0; t < tokens; ++t) {
-        for (int d = 0; d < 2; ++d) {
-            k[d] = data.k(0, t, 0, d);
-            v[d] = data.v(0, t, 0, d);
+        for (int layer = 0; layer < layers; ++layer) {
+            for (int h = 0; h < heads; ++h)
+                for (int d = 0; d < dim; ++d) {
+                    k[static_cast<std::size_t>(h * dim + d)] = data.k(layer, t, h, d);
+                    v[static_cast<std::size_t>(h * dim + d)] = data.v(layer, t, h, d);
+                }
+            cache.append(seq, layer, k, v);
+            // Counted rather than REQUIREd per step: millions of assertions would dominate the run time.
+            for (int h = 0; h < heads; ++h) failures += cache.stream_view(seq, layer, h).table.num_pages > bound;
         }
-        cache.append(seq, 0, k, v);
         const kvsparse::MemoryStats memory = cache.memory(seq);
-        worst_pages = std::max(worst_pages, memory.pages);
-        // Counted rather than REQUIREd per step: a million assertions would dominate the run time.
-        failures += memory.pages > bound || memory.tokens != std::min(t + 1, 1024) ||
+        failures += memory.tokens != layers * heads * std::min(t + 1, 1024) || memory.max_stream_tokens != std::min(t + 1, 1024) ||
                     memory.pages + cache.free_pages() != cache.total_pages() ||
-                    memory.bytes != memory.pages * 2 * 16 * 2 * static_cast<std::int64_t>(sizeof(float));
+                    memory.bytes != memory.pages * 2 * 16 * dim * static_cast<std::int64_t>(sizeof(float));
         if (t % 99'991 == 0 || t == tokens - 1 || t == 1023 || t == 1024) {
-            CAPTURE(t);
-            REQUIRE(positions_of(cache, seq, 0, 0) == ref::closed_form_set(spec, t));
-            for (int d = 0; d < 2; ++d) q[d] = data.q(0, t, 0, d);
-            cache.attend(seq, 0, q, out);
-            REQUIRE(max_difference(out, expected(data, ref::closed_form_set(spec, t), t)) <= tolerance);
+            CAPTURE(t, failures);
+            for (int layer = 0; layer < layers; ++layer) {
+                for (int h = 0; h < heads; ++h) REQUIRE(positions_of(cache, seq, layer, h) == ref::closed_form_set(spec, t));
+                cache.attend(seq, layer, data.queries(layer, t, 1), out);
+                for (int qh = 0; qh < heads; ++qh) {
+                    REQUIRE(max_difference(&out[static_cast<std::size_t>(qh * dim)], expected(data, ref::closed_form_set(spec, t), t, qh, layer)) <= tolerance);
+                }
+            }
         }
     }
     REQUIRE(failures == 0);
-    CHECK(worst_pages <= bound);
-    CHECK(cache.length(seq, 0) == tokens);
+    CHECK(cache.length(seq, 1) == tokens);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (seconds > 10) WARN("streaming took " << seconds << " s");
 
@@ -97,7 +102,7 @@ TEST_CASE("AttentionSink{4, 1020}: a long stream never holds more than ceil(1024
     CHECK(cache.free_pages() == cache.total_pages());
 }
 
-TEST_CASE("sequences share the pool; remove and reset return every page", "[cache][memory]") {
+TEST_CASE("sequences share the pool / remove and reset return every page", "[cache][memory]") {
     const ref::Tokens data{7, 2, 2, 4};
     const int per_stream = 64 / 8;  // AttentionSink{4, 60}, page 8: 8 pages per stream at most
     const int streams = 2 * 2;      // layers x KV heads
@@ -192,7 +197,7 @@ TEST_CASE("a prefill longer than the budget gives back the pages it no longer ne
     CHECK(small.length(s, 0) == 0);
 }
 
-TEST_CASE("chunked prefill: later chunks see the held tokens and themselves, causally", "[cache]") {
+TEST_CASE("chunked prefill: later chunks see the held tokens and themselves / causally", "[cache]") {
     const ref::Tokens data{31, 4, 2, 8};
     const ref::PolicySpec spec{ref::PolicySpec::attention_sink, 3, 9};
     KVCache<AttentionSink> cache(CacheConfig{{1, 4, 2, 8}, 4, 64}, AttentionSink{{3, 9}});
@@ -227,7 +232,7 @@ TEST_CASE("chunked prefill: later chunks see the held tokens and themselves, cau
     }
 }
 
-TEST_CASE("one append of several tokens is several decode appends; tokens evicted within it are dropped",
+TEST_CASE("one append of several tokens is several decode appends / tokens evicted within it are dropped",
           "[cache]") {
     const ref::Tokens data{12, 1, 1, 4};
     KVCache<kvsparse::SlidingWindow> cache(CacheConfig{{1, 1, 1, 4}, 1, 8}, kvsparse::SlidingWindow{2});
@@ -250,7 +255,7 @@ TEST_CASE("one append of several tokens is several decode appends; tokens evicte
     REQUIRE(max_difference(out.data(), expected(data, {3, 4}, 4)) <= tolerance);
 }
 
-TEST_CASE("Dense prefill after decode tokens, and the stream state a policy sees", "[cache]") {
+TEST_CASE("Dense prefill after decode tokens / and the stream state a policy sees", "[cache]") {
     const ref::Tokens data{41, 2, 2, 4};
     KVCache<kvsparse::Dense> cache(CacheConfig{{1, 2, 2, 4}, 16, 8}, kvsparse::Dense{});
     const auto seq = cache.add_sequence();

@@ -185,7 +185,7 @@ static_assert(!kvsparse::kv_backend<BackendOf<StreamType, WorkspaceBytes, WriteW
 static_assert(!cache_accepts<kvsparse::Dense, BackendOf<StreamType, WorkspaceBytes, Write, CopySlots, RopeOp, ShiftKeys>>);
 static_assert(!kvsparse::kv_backend<kvsparse::Dense>);
 
-TEST_CASE("concepts: shipped policies and the CPU backend qualify, broken types do not", "[concepts]") {
+TEST_CASE("concepts: shipped policies and the CPU backend qualify / broken types do not", "[concepts]") {
     // The checks above are compile-time; this case records them in the test list and exercises the
     // runtime side of a minimal custom policy through KVCache.
     STATIC_REQUIRE(kvsparse::kv_policy<kvsparse::AttentionSink>);

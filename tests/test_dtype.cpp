@@ -112,7 +112,7 @@ TEMPLATE_TEST_CASE("widening: every one of the 65536 patterns reads back as its 
     REQUIRE(tally.failures == 0);
 }
 
-TEMPLATE_TEST_CASE("round trip: pattern -> float -> pattern is the identity; NaN stays NaN", "[dtype]", HalfCase,
+TEMPLATE_TEST_CASE("round trip: pattern -> float -> pattern is the identity / NaN stays NaN", "[dtype]", HalfCase,
                    Bfloat16Case) {
     using T = typename TestType::type;
     const ref::Format& format = TestType::format();
@@ -132,7 +132,7 @@ TEMPLATE_TEST_CASE("round trip: pattern -> float -> pattern is the identity; NaN
     CHECK(nans == 2 * (format.sign_bit() - 1u - format.inf_bits()));
 }
 
-TEMPLATE_TEST_CASE("narrowing rounds to nearest, ties to even, like the distance-comparing reference", "[dtype]",
+TEMPLATE_TEST_CASE("narrowing rounds to nearest / ties to even / like the distance-comparing reference", "[dtype]",
                    HalfCase, Bfloat16Case) {
     const ref::Format& format = TestType::format();
     Tally tally;

@@ -130,8 +130,9 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
     using kvsparse::pool_exhausted;
     const kvsparse::ModelShape shape{2, 4, 2, 8};
     const ref::Tokens data{3, 4, 2, 8};
-    // AttentionSink{2, 6}: 8 tokens, 2 pages of 4 per stream. A holds 8 pages, B 4; one of 13 is free.
-    Cache cache(CacheConfig{shape, 4, 13, Rope{}}, AttentionSink{{2, 6}});
+    // AttentionSink{2, 6}: 8 tokens, 2 pages of 4 per stream. A holds 8 pages, B 4; 3 of 15 are free, so
+    // a call that would take pages before failing is seen.
+    Cache cache(CacheConfig{shape, 4, 15, Rope{}}, AttentionSink{{2, 6}});
     const auto a = cache.add_sequence();
     const auto b = cache.add_sequence();
     const auto removed = cache.add_sequence();
@@ -142,7 +143,7 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
         for (int t = 10; t < 13; ++t) cache.append(a, layer, data.keys(layer, t, 1), data.values(layer, t, 1));
     }
     for (int t = 0; t < 5; ++t) cache.append(b, 0, data.keys(0, t, 1), data.values(0, t, 1));  // layer 1 stays empty
-    REQUIRE(cache.free_pages() == 1);
+    REQUIRE(cache.free_pages() == 3);
 
     const std::vector<kvsparse::SequenceId> seqs = {a, b};
     const Snapshot before = snapshot(cache, seqs);
@@ -151,16 +152,18 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
 
     const std::vector<float> k1 = data.keys(0, 20, 1), v1 = data.values(0, 20, 1), q1 = data.queries(0, 20, 1);
     std::vector<float> out1(q1.size());
-    const std::vector<float> k3 = data.keys(0, 20, 3), v3 = data.values(0, 20, 3), q3 = data.queries(0, 20, 3);
-    std::vector<float> out3(q3.size());
+    const std::vector<float> k4 = data.keys(0, 20, 4), v4 = data.values(0, 20, 4), q4 = data.queries(0, 20, 4);
+    std::vector<float> out4(q4.size());
+    const std::vector<float> k9 = data.keys(0, 20, 9), v9 = data.values(0, 20, 9);
     const std::span<const float> k1s(k1);
 
+    // Valid calls on B would take pages (3 are free): a check made after taking them shows up.
     SECTION("append") {
-        expect_error<invalid_argument>([&] { cache.append(a, 0, k1s.first(15), v1); }, {"keys.size() = 15", "multiple"});
+        expect_error<invalid_argument>([&] { cache.append(b, 1, k1s.first(15), v1); }, {"keys.size() = 15", "multiple"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.append(a, 0, {}, {}); }, {"keys.size() = 0"});
+        expect_error<invalid_argument>([&] { cache.append(b, 1, {}, {}); }, {"keys.size() = 0"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.append(a, 0, k1, v3); }, {"values.size() = 48"});
+        expect_error<invalid_argument>([&] { cache.append(b, 1, k1, v4); }, {"values.size() = 64"});
         unchanged();
         expect_error<invalid_argument>([&] { cache.append(a, 2, k1, v1); }, {"layer = 2"});
         unchanged();
@@ -172,14 +175,14 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
         unchanged();
         expect_error<invalid_argument>([&] { cache.append(removed, 0, k1, v1); }, {bad_seq});
         unchanged();
-        // Layer 1 of B needs one page per KV head: two, and one is free.
-        expect_error<pool_exhausted>([&] { cache.append(b, 1, k1, v1); }, {"page pool", "needs 2 more pages", "1 of 13"});
+        // Nine tokens on B's empty layer 1: two pages per KV head (capacity 8), four in all; 3 are free.
+        expect_error<pool_exhausted>([&] { cache.append(b, 1, k9, v9); }, {"page pool", "needs 4 more pages", "3 of 15"});
         unchanged();
     }
     SECTION("attend") {
         expect_error<invalid_argument>([&] { cache.attend(a, 0, std::span<const float>(q1).first(31), out1); }, {"queries.size() = 31"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.attend(a, 0, q1, out3); }, {"out.size() = 96"});
+        expect_error<invalid_argument>([&] { cache.attend(a, 0, q1, out4); }, {"out.size() = 128"});
         unchanged();
         expect_error<invalid_argument>([&] { cache.attend(a, 2, q1, out1); }, {"layer = 2"});
         unchanged();
@@ -191,20 +194,25 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
         unchanged();
     }
     SECTION("prefill") {
-        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q1, k3, v3, out3); }, {"queries.size() = 32"});
+        // Four tokens after B's five on layer 0 need a third page per KV head: 2 of the 3 free.
+        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q1, k4, v4, out4); }, {"queries.size() = 32"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q3, k3, v3, out1); }, {"out.size() = 32"});
+        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q4, k4, v4, out1); }, {"out.size() = 32"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q3, std::span<const float>(k3).first(40), v3, out3); }, {"keys.size() = 40"});
+        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q4, std::span<const float>(k4).first(40), v4, out4); }, {"keys.size() = 40"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q3, k3, v1, out3); }, {"values.size() = 16"});
+        expect_error<invalid_argument>([&] { cache.prefill(b, 0, q4, k4, v1, out4); }, {"values.size() = 16"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.prefill(b, 5, q3, k3, v3, out3); }, {"layer = 5"});
+        expect_error<invalid_argument>([&] { cache.prefill(b, 5, q4, k4, v4, out4); }, {"layer = 5"});
         unchanged();
-        expect_error<invalid_argument>([&] { cache.prefill(removed, 0, q3, k3, v3, out3); }, {bad_seq});
+        expect_error<invalid_argument>([&] { cache.prefill(removed, 0, q4, k4, v4, out4); }, {bad_seq});
         unchanged();
-        // The chunk is stored whole before eviction: A's layer 0 needs a page per KV head.
-        expect_error<pool_exhausted>([&] { cache.prefill(a, 0, q3, k3, v3, out3); }, {"page pool", "1 of 13"});
+        // The chunk is stored whole before eviction: A's 8 held slots plus 4 fill 3 pages per KV head, 2
+        // more in all, which fits; 9 more tokens need 3 pages per head beyond the 2 held: 6 > 3.
+        expect_error<pool_exhausted>([&] {
+            std::vector<float> out(9 * 4 * 8);
+            cache.prefill(a, 0, data.queries(0, 20, 9), k9, v9, out);
+        }, {"page pool", "needs 6 more pages", "3 of 15"});
         unchanged();
     }
     SECTION("select, length, memory, stream_state, stream_view") {

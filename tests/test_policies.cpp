@@ -130,7 +130,7 @@ struct Scenario {
 };
 
 /// Float32 arithmetic over at most ~100 keys with outputs of magnitude <= 1, the reference reading the
-/// same rounded K/V as the cache: the storage type does not change this bound.
+/// same rounded K/V as the cache: the storage type does not change this bound (observed 2e-7).
 constexpr double sweep_tolerance = 1e-5;
 
 template <class T, class Policy>
@@ -284,9 +284,10 @@ namespace {
 template <class T>
 constexpr double rope_tolerance() {
     // The cache rounds keys to storage after rotating them; the reference rotates unrounded keys in double.
+    // Observed maxima: float 2e-7, half 6e-5, bfloat16 7e-4.
     if constexpr (std::is_same_v<T, float>) return 2e-5;
-    if constexpr (std::is_same_v<T, kvsparse::half>) return 2e-3;
-    return 1.5e-2;
+    if constexpr (std::is_same_v<T, kvsparse::half>) return 5e-4;
+    return 4e-3;
 }
 
 enum class Inputs { pre_rope, rotated };
@@ -436,8 +437,8 @@ TEST_CASE("engine-style K-shift: rotated keys re-rotated by -1 on each eviction 
         CAPTURE(t);
         for (int qh = 0; qh < sh.q_heads; ++qh) {
             const auto want = expected_output<float>(table, 0, qh, ref::closed_form_set(spec, t), t, Positions::in_cache, rope);
-            // Window keys are re-rotated up to `window` times in float32.
-            REQUIRE(max_difference(&engine_out[static_cast<std::size_t>(qh * sh.dim)], want) <= 1e-4);
+            // Window keys are re-rotated up to `window` times in float32 (observed 1.2e-7).
+            REQUIRE(max_difference(&engine_out[static_cast<std::size_t>(qh * sh.dim)], want) <= 2e-5);
             REQUIRE(max_difference(&cache_out[static_cast<std::size_t>(qh * sh.dim)], want) <= 2e-5);
         }
     }

@@ -61,7 +61,7 @@ const Rope ropes[] = {{RopeStyle::interleaved, 10000.0f}, {RopeStyle::half_split
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("rope_rotate matches the double-precision rotation, both pairings", "[rope]", float, kvsparse::half,
+TEMPLATE_TEST_CASE("rope_rotate matches the double-precision rotation / both pairings", "[rope]", float, kvsparse::half,
                    kvsparse::bfloat16) {
     using T = TestType;
     std::uint64_t seed = 1;
@@ -81,7 +81,7 @@ TEMPLATE_TEST_CASE("rope_rotate matches the double-precision rotation, both pair
     }
 }
 
-TEST_CASE("rope_rotate: the two pairings differ, position 0 is the identity, odd tails stay", "[rope]") {
+TEST_CASE("rope_rotate: the two pairings differ / position 0 is the identity / odd tails stay", "[rope]") {
     // Guards against a reference and an implementation that agree by both ignoring the style.
     const std::vector<float> x = random_vector(5, 8);
     std::vector<float> a = x, b = x, zero = x;
@@ -146,7 +146,7 @@ TEST_CASE("CpuBackend::rope rotates token i of [token][head][dim] at positions[i
     }
 }
 
-TEMPLATE_TEST_CASE("KVCache with rope stores keys rotated at their position; shift_keys re-rotates by delta",
+TEMPLATE_TEST_CASE("KVCache with rope stores keys rotated at their position / shift_keys re-rotates by delta",
                    "[rope][cache]", float, kvsparse::half, kvsparse::bfloat16) {
     using T = TestType;
     for (const Rope rope : {Rope{RopeStyle::interleaved, 10000.0f}, Rope{RopeStyle::half_split, 10000.0f}}) {

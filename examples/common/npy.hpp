@@ -36,9 +36,12 @@ enum class DType : std::uint8_t { float32, float16, uint8 };
 
 inline std::size_t item_size(DType type) {
     switch (type) {
-        case DType::float32: return 4;
-        case DType::float16: return 2;
-        case DType::uint8: return 1;
+        case DType::float32:
+            return 4;
+        case DType::float16:
+            return 2;
+        case DType::uint8:
+            return 1;
     }
     return 0;
 }
@@ -46,18 +49,24 @@ inline std::size_t item_size(DType type) {
 /// NumPy's dtype string as written in headers.
 inline std::string_view descr_of(DType type) {
     switch (type) {
-        case DType::float32: return "<f4";
-        case DType::float16: return "<f2";
-        case DType::uint8: return "|u1";
+        case DType::float32:
+            return "<f4";
+        case DType::float16:
+            return "<f2";
+        case DType::uint8:
+            return "|u1";
     }
     return "?";
 }
 
 inline std::string_view name_of(DType type) {
     switch (type) {
-        case DType::float32: return "float32";
-        case DType::float16: return "float16";
-        case DType::uint8: return "uint8";
+        case DType::float32:
+            return "float32";
+        case DType::float16:
+            return "float16";
+        case DType::uint8:
+            return "uint8";
     }
     return "?";
 }
@@ -108,7 +117,9 @@ struct Array {
                 case DType::float16:
                     out[i] = half::to_float(static_cast<std::uint16_t>(b[2 * i] | b[2 * i + 1] << 8));
                     break;
-                case DType::uint8: out[i] = static_cast<float>(b[i]); break;
+                case DType::uint8:
+                    out[i] = static_cast<float>(b[i]);
+                    break;
             }
         }
         return out;
@@ -129,7 +140,8 @@ struct Array {
         auto* b = reinterpret_cast<unsigned char*>(a.bytes.data());
         for (std::size_t i = 0; i < values.size(); ++i) {
             const auto u = std::bit_cast<std::uint32_t>(values[i]);
-            for (int byte = 0; byte < 4; ++byte) b[4 * i + static_cast<std::size_t>(byte)] = static_cast<unsigned char>(u >> (8 * byte));
+            for (int byte = 0; byte < 4; ++byte)
+                b[4 * i + static_cast<std::size_t>(byte)] = static_cast<unsigned char>(u >> (8 * byte));
         }
         return a;
     }
@@ -258,11 +270,13 @@ private:
         while (true) {
             skip_space();
             if (peek() == ')') break;
-            if (!std::isdigit(static_cast<unsigned char>(peek()))) fail("'shape' must be a tuple of non-negative integers");
+            if (!std::isdigit(static_cast<unsigned char>(peek())))
+                fail("'shape' must be a tuple of non-negative integers");
             std::int64_t n = 0;
             while (std::isdigit(static_cast<unsigned char>(peek()))) {
                 const int digit = peek() - '0';
-                if (n > (std::numeric_limits<std::int64_t>::max() - digit) / 10) fail("a dimension of 'shape' overflows");
+                if (n > (std::numeric_limits<std::int64_t>::max() - digit) / 10)
+                    fail("a dimension of 'shape' overflows");
                 n = n * 10 + digit;
                 ++pos_;
             }
@@ -304,7 +318,8 @@ inline std::string header(DType type, std::span<const std::int64_t> shape, int v
         return (64 - unpadded % 64) % 64;
     };
     if (version == 0) version = dict.size() + padding(1) + 1 <= 65535 ? 1 : 2;
-    if (version != 1 && version != 2) throw invalid_argument("npy: version " + std::to_string(version) + " must be 1 or 2");
+    if (version != 1 && version != 2)
+        throw invalid_argument("npy: version " + std::to_string(version) + " must be 1 or 2");
     dict.append(padding(version), ' ');
     dict += '\n';
     if (version == 1 && dict.size() > 65535) throw invalid_argument("npy: header too long for version 1");
@@ -342,21 +357,23 @@ inline Array parse(std::span<const std::byte> file, std::string_view name = "npy
     if (file.size() < detail::magic_size || std::memcmp(b, detail::magic, detail::magic_size) != 0) {
         throw format_error(where + ": not a NumPy .npy file (no \\x93NUMPY magic)");
     }
-    if (file.size() < detail::magic_size + 4) throw format_error(where + ": truncated header (" + std::to_string(file.size()) + " bytes)");
+    if (file.size() < detail::magic_size + 4)
+        throw format_error(where + ": truncated header (" + std::to_string(file.size()) + " bytes)");
     const int major = b[6];
     const int minor = b[7];
     if (major < 1 || major > 3 || minor != 0) {
-        throw format_error(where + ": unsupported .npy format version " + std::to_string(major) + "." + std::to_string(minor) +
-                           " (supported: 1.0, 2.0, 3.0)");
+        throw format_error(where + ": unsupported .npy format version " + std::to_string(major) + "." +
+                           std::to_string(minor) + " (supported: 1.0, 2.0, 3.0)");
     }
     const std::size_t length_bytes = major == 1 ? 2 : 4;
     const std::size_t prefix = detail::magic_size + 2 + length_bytes;
-    if (file.size() < prefix) throw format_error(where + ": truncated header (" + std::to_string(file.size()) + " bytes)");
+    if (file.size() < prefix)
+        throw format_error(where + ": truncated header (" + std::to_string(file.size()) + " bytes)");
     std::size_t header_length = std::size_t{b[8]} | std::size_t{b[9]} << 8;
     if (major != 1) header_length |= std::size_t{b[10]} << 16 | std::size_t{b[11]} << 24;
     if (file.size() - prefix < header_length) {
-        throw format_error(where + ": truncated header: it declares " + std::to_string(header_length) + " bytes, the file has " +
-                           std::to_string(file.size() - prefix) + " after the length field");
+        throw format_error(where + ": truncated header: it declares " + std::to_string(header_length) +
+                           " bytes, the file has " + std::to_string(file.size() - prefix) + " after the length field");
     }
     const std::string_view text(reinterpret_cast<const char*>(b + prefix), header_length);
     const auto fields = detail::HeaderParser(text, where).parse();
@@ -369,11 +386,14 @@ inline Array parse(std::span<const std::byte> file, std::string_view name = "npy
     } else if (fields.descr == "|u1" || fields.descr == "<u1" || fields.descr == "u1") {
         array.dtype = DType::uint8;
     } else if (!fields.descr.empty() && fields.descr[0] == '>') {
-        throw format_error(where + ": big-endian data ('" + fields.descr + "') is not supported; save it little-endian");
+        throw format_error(where + ": big-endian data ('" + fields.descr +
+                           "') is not supported; save it little-endian");
     } else {
-        throw format_error(where + ": unsupported dtype '" + fields.descr + "' (supported: '<f4' float32, '<f2' float16, '|u1' uint8)");
+        throw format_error(where + ": unsupported dtype '" + fields.descr +
+                           "' (supported: '<f4' float32, '<f2' float16, '|u1' uint8)");
     }
-    if (fields.fortran_order) throw format_error(where + ": Fortran-order arrays are not supported; save it in C order");
+    if (fields.fortran_order)
+        throw format_error(where + ": Fortran-order arrays are not supported; save it in C order");
     array.shape = fields.shape;
     std::int64_t count = 0;
     try {
@@ -384,12 +404,13 @@ inline Array parse(std::span<const std::byte> file, std::string_view name = "npy
     const std::size_t data_bytes = static_cast<std::size_t>(count) * item_size(array.dtype);
     const std::size_t have = file.size() - prefix - header_length;
     if (have < data_bytes) {
-        throw format_error(where + ": truncated data: shape " + shape_string(array.shape) + " of " + std::string(name_of(array.dtype)) +
-                           " needs " + std::to_string(data_bytes) + " bytes, the file has " + std::to_string(have));
+        throw format_error(where + ": truncated data: shape " + shape_string(array.shape) + " of " +
+                           std::string(name_of(array.dtype)) + " needs " + std::to_string(data_bytes) +
+                           " bytes, the file has " + std::to_string(have));
     }
     if (have > data_bytes) {
-        throw format_error(where + ": " + std::to_string(have - data_bytes) + " unexpected bytes after the data of shape " +
-                           shape_string(array.shape));
+        throw format_error(where + ": " + std::to_string(have - data_bytes) +
+                           " unexpected bytes after the data of shape " + shape_string(array.shape));
     }
     array.bytes.assign(file.begin() + static_cast<std::ptrdiff_t>(prefix + header_length), file.end());
     return array;
@@ -405,7 +426,8 @@ inline Array read(const std::filesystem::path& path) {
     in.seekg(0, std::ios::beg);
     if (size < 0) throw format_error(path.string() + ": cannot read");
     file.resize(static_cast<std::size_t>(size));
-    if (size > 0 && !in.read(reinterpret_cast<char*>(file.data()), size)) throw format_error(path.string() + ": read failed");
+    if (size > 0 && !in.read(reinterpret_cast<char*>(file.data()), size))
+        throw format_error(path.string() + ": read failed");
     return parse(file, path.string());
 }
 

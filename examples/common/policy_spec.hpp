@@ -59,7 +59,9 @@ class SpecValues {
 public:
     using Value = std::variant<std::int64_t, double, std::string>;
 
-    std::int32_t integer(std::string_view key) const { return static_cast<std::int32_t>(std::get<std::int64_t>(at(key))); }
+    std::int32_t integer(std::string_view key) const {
+        return static_cast<std::int32_t>(std::get<std::int64_t>(at(key)));
+    }
     double real(std::string_view key) const { return std::get<double>(at(key)); }
     const std::string& word(std::string_view key) const { return std::get<std::string>(at(key)); }
     bool contains(std::string_view key) const { return values_.find(key) != values_.end(); }
@@ -93,27 +95,35 @@ struct PolicyEntry {
 
 inline const std::vector<PolicyEntry>& policy_table() {
     static const std::vector<PolicyEntry> table = {
-        {"dense", "every position (the reference)", {},
+        {"dense",
+         "every position (the reference)",
+         {},
          [](const SpecValues&, const PolicyContext&) -> AnyPolicy { return Dense{}; },
          [](std::int32_t, bool) { return std::vector<std::string>{"dense"}; }},
-        {"window", "the last `window` positions",
+        {"window",
+         "the last `window` positions",
          {{.name = "window", .min = 1, .help = "positions kept"}},
          [](const SpecValues& v, const PolicyContext&) -> AnyPolicy { return SlidingWindow(v.integer("window")); },
          [](std::int32_t budget, bool) { return std::vector<std::string>{"window:window=" + std::to_string(budget)}; }},
-        {"sink", "StreamingLLM: the first `sinks` positions and the last `window`",
+        {"sink",
+         "StreamingLLM: the first `sinks` positions and the last `window`",
          {{.name = "sinks", .fallback = "4", .help = "sink positions kept forever"},
           {.name = "window", .min = 1, .help = "recent positions kept"},
-          {.name = "positions", .kind = ValueKind::word, .fallback = "absolute", .words = {"absolute", "in_cache"},
+          {.name = "positions",
+           .kind = ValueKind::word,
+           .fallback = "absolute",
+           .words = {"absolute", "in_cache"},
            .help = "key rotation: original positions, or ranks in the cache (needs RoPE)"}},
          [](const SpecValues& v, const PolicyContext&) -> AnyPolicy {
-             return AttentionSink({.sinks = v.integer("sinks"),
-                                   .window = v.integer("window"),
-                                   .positions = v.word("positions") == "in_cache" ? PositionMode::in_cache
-                                                                                  : PositionMode::absolute});
+             return AttentionSink(
+                 {.sinks = v.integer("sinks"),
+                  .window = v.integer("window"),
+                  .positions = v.word("positions") == "in_cache" ? PositionMode::in_cache : PositionMode::absolute});
          },
          [](std::int32_t budget, bool rope) {
              const std::int32_t sinks = budget > 4 ? 4 : budget - 1;
-             const std::string base = "sink:sinks=" + std::to_string(sinks) + ",window=" + std::to_string(budget - sinks);
+             const std::string base =
+                 "sink:sinks=" + std::to_string(sinks) + ",window=" + std::to_string(budget - sinks);
              std::vector<std::string> specs{base};
              if (rope) specs.push_back(base + ",positions=in_cache");
              return specs;
@@ -159,7 +169,8 @@ inline std::string number_text(double x) {
 /// Checks one value against its key; throws a message naming key and value.
 inline SpecValues::Value check_value(const KeySpec& key, std::string_view text, const std::string& context) {
     const auto bad = [&](const std::string& expected) {
-        return invalid_argument(context + ": key '" + std::string(key.name) + "' = '" + std::string(text) + "': expected " + expected);
+        return invalid_argument(context + ": key '" + std::string(key.name) + "' = '" + std::string(text) +
+                                "': expected " + expected);
     };
     const std::string range = "[" + number_text(key.min) + ", " + number_text(key.max) + "]";
     switch (key.kind) {
@@ -175,7 +186,8 @@ inline SpecValues::Value check_value(const KeySpec& key, std::string_view text, 
         case ValueKind::real: {
             double value = 0;
             const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-            if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || !(value >= key.min && value <= key.max)) {
+            if (text.empty() || ec != std::errc{} || end != text.data() + text.size() ||
+                !(value >= key.min && value <= key.max)) {
                 throw bad("a number in " + range);
             }
             return value;
@@ -213,7 +225,8 @@ inline PolicySpec parse_policy_spec(std::string_view text) {
     if (spec.entry == nullptr) {
         std::vector<std::string_view> names;
         for (const PolicyEntry& entry : policy_table()) names.push_back(entry.name);
-        throw invalid_argument(context + ": unknown policy '" + std::string(name) + "' (known: " + detail::join_names(names) + ")");
+        throw invalid_argument(context + ": unknown policy '" + std::string(name) +
+                               "' (known: " + detail::join_names(names) + ")");
     }
     std::vector<std::string_view> key_names;
     for (const KeySpec& key : spec.entry->keys) key_names.push_back(key.name);
@@ -224,7 +237,8 @@ inline PolicySpec parse_policy_spec(std::string_view text) {
         std::size_t start = 0;
         while (start <= rest.size()) {
             const std::size_t comma = rest.find(',', start);
-            const std::string_view item = detail::trim(rest.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
+            const std::string_view item = detail::trim(
+                rest.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
             start = comma == std::string_view::npos ? rest.size() + 1 : comma + 1;
             const std::size_t equals = item.find('=');
             if (equals == std::string_view::npos || detail::trim(item.substr(0, equals)).empty()) {

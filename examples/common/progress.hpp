@@ -79,7 +79,8 @@ private:
                            std::string(static_cast<std::size_t>(bar - filled), '.') + "] ";
         char tail[64];
         const double eta = fraction > 0 ? seconds * (1 - fraction) / fraction : 0;
-        std::snprintf(tail, sizeof tail, "%3d%%  %.0fs elapsed, ~%.0fs left", static_cast<int>(fraction * 100), seconds, eta);
+        std::snprintf(tail, sizeof tail, "%3d%%  %.0fs elapsed, ~%.0fs left", static_cast<int>(fraction * 100), seconds,
+                      eta);
         line += tail;
         width_ = std::max(width_, line.size());
         std::fputs(line.c_str(), stderr);

@@ -47,10 +47,12 @@ int run(const Options& options) {
     std::vector<PolicySpec> specs;
     for (const std::string& text : options.policies) specs.push_back(parse_policy_spec(text));
 
-    const Trace trace = options.trace_dir.empty() ? make_synthetic(parse_synthetic(options.synthetic)) : load_trace(options.trace_dir);
+    const Trace trace =
+        options.trace_dir.empty() ? make_synthetic(parse_synthetic(options.synthetic)) : load_trace(options.trace_dir);
     if (!options.save_trace_dir.empty()) save_trace(trace, options.save_trace_dir);
     if (specs.empty()) {
-        for (const std::string& text : default_policy_specs(options.budget, trace.rope.has_value())) specs.push_back(parse_policy_spec(text));
+        for (const std::string& text : default_policy_specs(options.budget, trace.rope.has_value()))
+            specs.push_back(parse_policy_spec(text));
     }
 
     const PolicyContext context{trace.shape.layers, trace.shape.kv_heads, trace.alpha};
@@ -83,16 +85,20 @@ int run(const Options& options) {
 
 int main(int argc, char** argv) {
     Options options;
-    CLI::App app{"Replay attention traces through sparse-attention KV-cache policies and measure attention recall, "
-                 "output error, memory held and selection time against dense attention.",
-                 "kvsparse-eval"};
-    app.add_option("--trace", options.trace_dir,
-                   "Trace directory: q.npy [L,T,Hq,D], k.npy and v.npy [L,T,Hkv,D] (float32 or float16), optional meta.json")
+    CLI::App app{
+        "Replay attention traces through sparse-attention KV-cache policies and measure attention recall, "
+        "output error, memory held and selection time against dense attention.",
+        "kvsparse-eval"};
+    app.add_option(
+           "--trace", options.trace_dir,
+           "Trace directory: q.npy [L,T,Hq,D], k.npy and v.npy [L,T,Hkv,D] (float32 or float16), optional meta.json")
         ->type_name("DIR")
         ->check(CLI::ExistingDirectory);
-    auto* policy = app.add_option("--policy", options.policies, "Policy spec name:key=value,... (repeatable)")->type_name("SPEC");
+    auto* policy =
+        app.add_option("--policy", options.policies, "Policy spec name:key=value,... (repeatable)")->type_name("SPEC");
     app.add_option("--json", options.json_file, "Also write the figures as JSON to FILE")->type_name("FILE");
-    app.add_option("--masks", options.masks_dir, "Write DIR/i.npy, uint8 [L,T,Hq,T]: what the i-th policy attended")->type_name("DIR");
+    app.add_option("--masks", options.masks_dir, "Write DIR/i.npy, uint8 [L,T,Hq,T]: what the i-th policy attended")
+        ->type_name("DIR");
     app.add_option("--threads", options.threads, "Threads (layers are replayed in parallel)")
         ->type_name("N")
         ->capture_default_str()
@@ -107,7 +113,8 @@ int main(int argc, char** argv) {
         ->capture_default_str()
         ->check(CLI::Range(1, std::numeric_limits<int>::max()))
         ->excludes(policy);
-    app.add_option("--save-trace", options.save_trace_dir, "Also write the trace (e.g. the synthetic one) to DIR")->type_name("DIR");
+    app.add_option("--save-trace", options.save_trace_dir, "Also write the trace (e.g. the synthetic one) to DIR")
+        ->type_name("DIR");
     app.footer(policy_help());
     CLI11_PARSE(app, argc, argv);
 

@@ -38,12 +38,12 @@ namespace kvsparse::tools {
 /// One policy's figures over the whole trace.
 struct PolicyResult {
     std::string spec;
-    double recall_mean = 0;        ///< over decode steps, layers and query heads
-    double recall_min = 0;         ///< over the same
-    double output_error_mean = 0;  ///< over the same
-    std::int64_t peak_tokens = 0;  ///< most tokens one (layer, KV head) stream held after any call
-    std::int64_t peak_bytes = 0;   ///< most key/value bytes the sequence held (all layers) after any call
-    double select_ns_per_step = 0; ///< KVCache::select time of one decode step, summed over layers
+    double recall_mean = 0;         ///< over decode steps, layers and query heads
+    double recall_min = 0;          ///< over the same
+    double output_error_mean = 0;   ///< over the same
+    std::int64_t peak_tokens = 0;   ///< most tokens one (layer, KV head) stream held after any call
+    std::int64_t peak_bytes = 0;    ///< most key/value bytes the sequence held (all layers) after any call
+    double select_ns_per_step = 0;  ///< KVCache::select time of one decode step, summed over layers
 };
 
 struct ReplayOptions {
@@ -64,11 +64,14 @@ namespace detail {
 class PolicyRun {
 public:
     virtual ~PolicyRun() = default;
-    virtual void prefill(std::span<const float> q, std::span<const float> k, std::span<const float> v, std::span<float> out) = 0;
+    virtual void prefill(std::span<const float> q, std::span<const float> k, std::span<const float> v,
+                         std::span<float> out) = 0;
     virtual void append(std::span<const float> k, std::span<const float> v) = 0;
-    /// Runs KVCache::select and returns the nanoseconds it took; the set is then in selection().
+    /// Runs KVCache::select and returns the nanoseconds it took; attended() then gives the sets.
     virtual std::int64_t select() = 0;
-    virtual const Selection& selection() const = 0;
+    /// Positions query head `q_head` attends at this step (ascending). All query heads of a KV head
+    /// share its set (REFERENCE.md); a policy that selects per query head overrides this.
+    virtual std::span<const std::int32_t> attended(std::int32_t q_head) const = 0;
     virtual void attend(std::span<const float> q, std::span<float> out) = 0;
     virtual MemoryStats memory() const = 0;
     virtual bool prefill_visible(std::int32_t kv_head, std::int32_t i, std::int32_t j) const = 0;
@@ -84,7 +87,8 @@ CacheConfig replay_cache_config(const Trace& trace, const P& policy, std::int32_
     config.page_size = replay_page_size;
     std::int64_t pages = 0;
     for (std::int32_t h = 0; h < trace.shape.kv_heads; ++h) {
-        const std::int64_t slots = std::max<std::int64_t>(trace.prefill, std::min<std::int64_t>(policy.capacity(layer, h), trace.tokens));
+        const std::int64_t slots =
+            std::max<std::int64_t>(trace.prefill, std::min<std::int64_t>(policy.capacity(layer, h), trace.tokens));
         pages += (slots + replay_page_size - 1) / replay_page_size + 1;
     }
     if (pages > std::numeric_limits<std::int32_t>::max()) throw invalid_argument("trace too long for one page pool");
@@ -100,9 +104,13 @@ template <kv_policy P>
 class PolicyRunOf final : public PolicyRun {
 public:
     PolicyRunOf(const Trace& trace, const P& policy, std::int32_t layer)
-        : cache_(replay_cache_config(trace, policy, layer), policy), sequence_(cache_.add_sequence()), layer_(layer) {}
+        : cache_(replay_cache_config(trace, policy, layer), policy),
+          sequence_(cache_.add_sequence()),
+          layer_(layer),
+          group_(trace.shape.group_size()) {}
 
-    void prefill(std::span<const float> q, std::span<const float> k, std::span<const float> v, std::span<float> out) override {
+    void prefill(std::span<const float> q, std::span<const float> k, std::span<const float> v,
+                 std::span<float> out) override {
         cache_.prefill(sequence_, layer_, q, k, v, out);
     }
     void append(std::span<const float> k, std::span<const float> v) override { cache_.append(sequence_, layer_, k, v); }
@@ -112,7 +120,9 @@ public:
         const auto stop = std::chrono::steady_clock::now();
         return std::chrono::duration_cast<std::chrono::nanoseconds>(stop - start).count();
     }
-    const Selection& selection() const override { return selection_; }
+    std::span<const std::int32_t> attended(std::int32_t q_head) const override {
+        return selection_.positions_of(q_head / group_);
+    }
     void attend(std::span<const float> q, std::span<float> out) override { cache_.attend(sequence_, layer_, q, out); }
     MemoryStats memory() const override { return cache_.memory(sequence_); }
     bool prefill_visible(std::int32_t kv_head, std::int32_t i, std::int32_t j) const override {
@@ -123,6 +133,7 @@ private:
     KVCache<P, CpuBackend, float> cache_;
     SequenceId sequence_;
     std::int32_t layer_;
+    std::int32_t group_;
     Selection selection_;
 };
 
@@ -218,7 +229,9 @@ public:
         }
     }
 
-    const double* probabilities(std::int32_t h) const { return probabilities_.data() + static_cast<std::size_t>(h) * T_; }
+    const double* probabilities(std::int32_t h) const {
+        return probabilities_.data() + static_cast<std::size_t>(h) * T_;
+    }
     const double* output(std::int32_t h) const { return outputs_.data() + static_cast<std::size_t>(h) * D_; }
 
 private:
@@ -286,8 +299,9 @@ inline void write_row(std::fstream& f, const std::vector<std::uint8_t>& row) {
 }
 
 /// Replays layer `layer` of the trace through every policy.
-inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vector<AnyPolicy>& policies, std::int32_t layer,
-                                              const std::vector<MaskFile>& masks, ProgressBar& progress) {
+inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vector<AnyPolicy>& policies,
+                                              std::int32_t layer, const std::vector<MaskFile>& masks,
+                                              ProgressBar& progress) {
     const std::int32_t T = trace.tokens, P = trace.prefill, Hq = trace.shape.q_heads, G = trace.shape.group_size();
     const std::size_t D = static_cast<std::size_t>(trace.shape.head_dim);
     const std::size_t n = policies.size();
@@ -316,7 +330,9 @@ inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vec
                     std::fill(row.begin(), row.end(), std::uint8_t{0});
                     for (std::int32_t h = 0; h < Hq; ++h) {
                         for (std::int32_t j = 0; j <= r; ++j) {
-                            if (runs[i]->prefill_visible(h / G, r, j)) row[static_cast<std::size_t>(h) * static_cast<std::size_t>(T) + static_cast<std::size_t>(j)] = 1;
+                            if (runs[i]->prefill_visible(h / G, r, j))
+                                row[static_cast<std::size_t>(h) * static_cast<std::size_t>(T) +
+                                    static_cast<std::size_t>(j)] = 1;
                         }
                     }
                     write_row(mask_streams[i], row);
@@ -339,14 +355,15 @@ inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vec
             run.append(trace.keys(layer, t), trace.values(layer, t));
             f.select_ns += run.select();
             run.attend(q, out);
-            const Selection& selection = run.selection();
             if (!masks.empty()) std::fill(row.begin(), row.end(), std::uint8_t{0});
             for (std::int32_t h = 0; h < Hq; ++h) {
                 const double* p = reference.probabilities(h);
                 double recall = 0;
-                for (const std::int32_t j : selection.positions_of(h / G)) {
+                for (const std::int32_t j : run.attended(h)) {
                     recall += p[j];
-                    if (!masks.empty()) row[static_cast<std::size_t>(h) * static_cast<std::size_t>(T) + static_cast<std::size_t>(j)] = 1;
+                    if (!masks.empty())
+                        row[static_cast<std::size_t>(h) * static_cast<std::size_t>(T) + static_cast<std::size_t>(j)] =
+                            1;
                 }
                 f.recall_sum += recall;
                 f.recall_min = std::min(f.recall_min, recall);
@@ -372,13 +389,15 @@ inline std::vector<PolicyResult> replay(const Trace& trace, const std::vector<st
     std::vector<detail::MaskFile> masks;
     if (options.masks_dir) {
         std::filesystem::create_directories(*options.masks_dir);
-        for (std::size_t i = 0; i < policies.size(); ++i) masks.emplace_back(*options.masks_dir / (std::to_string(i) + ".npy"), trace);
+        for (std::size_t i = 0; i < policies.size(); ++i)
+            masks.emplace_back(*options.masks_dir / (std::to_string(i) + ".npy"), trace);
     }
 
     ProgressBar progress("kvsparse-eval", std::int64_t{L} * trace.tokens, options.progress && stderr_is_terminal());
     std::vector<std::vector<detail::LayerFigures>> layers(static_cast<std::size_t>(L));
     parallel_for(L, options.threads, [&](std::int64_t l) {
-        layers[static_cast<std::size_t>(l)] = detail::replay_layer(trace, policies, static_cast<std::int32_t>(l), masks, progress);
+        layers[static_cast<std::size_t>(l)] =
+            detail::replay_layer(trace, policies, static_cast<std::int32_t>(l), masks, progress);
     });
     progress.finish();
 

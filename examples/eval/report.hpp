@@ -27,46 +27,44 @@ inline std::string human_bytes(std::int64_t bytes) {
 inline std::string describe_trace(const Trace& trace) {
     std::string rope = "none declared";
     if (trace.rope) rope = fmt::format("{}, theta {:g}", rope_style_name(trace.rope->style), trace.rope->theta);
-    return fmt::format("trace: {}\n  L={} T={} Hq={} Hkv={} D={} ({}), prefill {} + {} decode steps, RoPE: {}", trace.source,
-                       trace.shape.layers, trace.tokens, trace.shape.q_heads, trace.shape.kv_heads, trace.shape.head_dim,
-                       trace.dtype, trace.prefill, trace.decode_steps(), rope);
+    return fmt::format("trace: {}\n  L={} T={} Hq={} Hkv={} D={} ({}), prefill {} + {} decode steps, RoPE: {}",
+                       trace.source, trace.shape.layers, trace.tokens, trace.shape.q_heads, trace.shape.kv_heads,
+                       trace.shape.head_dim, trace.dtype, trace.prefill, trace.decode_steps(), rope);
 }
 
 /// The results as a fixed-width table, one row per policy.
 inline std::string format_table(const std::vector<PolicyResult>& results) {
     std::size_t width = 6;
     for (const PolicyResult& r : results) width = std::max(width, r.spec.size());
-    std::string out = fmt::format("{:<{}}  {:>11}  {:>10}  {:>12}  {:>11}  {:>10}  {:>14}\n", "policy", width, "recall mean",
-                                  "recall min", "out err mean", "peak tokens", "peak bytes", "select ns/step");
+    std::string out =
+        fmt::format("{:<{}}  {:>11}  {:>10}  {:>12}  {:>11}  {:>10}  {:>14}\n", "policy", width, "recall mean",
+                    "recall min", "out err mean", "peak tokens", "peak bytes", "select ns/step");
     out += std::string(width + 2 + 11 + 2 + 10 + 2 + 12 + 2 + 11 + 2 + 10 + 2 + 14, '-') + "\n";
     for (const PolicyResult& r : results) {
-        out += fmt::format("{:<{}}  {:>11.4f}  {:>10.4f}  {:>12.4f}  {:>11}  {:>10}  {:>14.0f}\n", r.spec, width, r.recall_mean,
-                           r.recall_min, r.output_error_mean, r.peak_tokens, human_bytes(r.peak_bytes), r.select_ns_per_step);
+        out += fmt::format("{:<{}}  {:>11.4f}  {:>10.4f}  {:>12.4f}  {:>11}  {:>10}  {:>14.0f}\n", r.spec, width,
+                           r.recall_mean, r.recall_min, r.output_error_mean, r.peak_tokens, human_bytes(r.peak_bytes),
+                           r.select_ns_per_step);
     }
     return out;
 }
 
 /// {"trace": {...}, "policies": [{"spec", "recall_mean", "recall_min", "output_error_mean", "peak_tokens",
 ///  "peak_bytes", "select_ns_per_step"}, ...]}
-inline nlohmann::json to_json(const Trace& trace, const std::vector<PolicyResult>& results) {
-    nlohmann::json t = {
-        {"source", trace.source},
-        {"layers", trace.shape.layers},
-        {"tokens", trace.tokens},
-        {"q_heads", trace.shape.q_heads},
-        {"kv_heads", trace.shape.kv_heads},
-        {"head_dim", trace.shape.head_dim},
-        {"dtype", trace.dtype},
-        {"prefill", trace.prefill},
-        {"decode_steps", trace.decode_steps()},
+inline nlohmann::ordered_json to_json(const Trace& trace, const std::vector<PolicyResult>& results) {
+    nlohmann::ordered_json t = {
+        {"source", trace.source},         {"layers", trace.shape.layers},     {"tokens", trace.tokens},
+        {"q_heads", trace.shape.q_heads}, {"kv_heads", trace.shape.kv_heads}, {"head_dim", trace.shape.head_dim},
+        {"dtype", trace.dtype},           {"prefill", trace.prefill},         {"decode_steps", trace.decode_steps()},
     };
     if (trace.rope) {
         t["rope"] = {{"style", rope_style_name(trace.rope->style)}, {"theta", trace.rope->theta}};
     } else {
         t["rope"] = nullptr;
     }
-    nlohmann::json policies = nlohmann::json::array();
-    const auto number = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); };
+    nlohmann::ordered_json policies = nlohmann::ordered_json::array();
+    const auto number = [](double x) {
+        return std::isfinite(x) ? nlohmann::ordered_json(x) : nlohmann::ordered_json(nullptr);
+    };
     for (const PolicyResult& r : results) {
         policies.push_back({
             {"spec", r.spec},

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numbers>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -44,9 +45,10 @@ struct SyntheticConfig {
 
     /// "tokens=4096,layers=2,q_heads=8,kv_heads=4,dim=64,prefill=1024,seed=20240607"
     std::string text() const {
-        return "tokens=" + std::to_string(tokens) + ",layers=" + std::to_string(layers) + ",q_heads=" + std::to_string(q_heads) +
-               ",kv_heads=" + std::to_string(kv_heads) + ",dim=" + std::to_string(dim) + ",prefill=" +
-               std::to_string(prefill_tokens()) + ",seed=" + std::to_string(seed);
+        return "tokens=" + std::to_string(tokens) + ",layers=" + std::to_string(layers) +
+               ",q_heads=" + std::to_string(q_heads) + ",kv_heads=" + std::to_string(kv_heads) +
+               ",dim=" + std::to_string(dim) + ",prefill=" + std::to_string(prefill_tokens()) +
+               ",seed=" + std::to_string(seed);
     }
 };
 
@@ -62,7 +64,8 @@ inline SyntheticConfig parse_synthetic(std::string_view text) {
         start = comma + 1;
         if (item.empty()) continue;
         const std::size_t equals = item.find('=');
-        if (equals == std::string_view::npos) throw invalid_argument(context + ": expected key=value, got '" + std::string(item) + "'");
+        if (equals == std::string_view::npos)
+            throw invalid_argument(context + ": expected key=value, got '" + std::string(item) + "'");
         const std::string_view key = item.substr(0, equals);
         const std::string value(item.substr(equals + 1));
         std::uint64_t number = 0;
@@ -74,12 +77,13 @@ inline SyntheticConfig parse_synthetic(std::string_view text) {
             used = 0;
         }
         if (used != value.size() || value.empty()) {
-            throw invalid_argument(context + ": key '" + std::string(key) + "' = '" + value + "': expected a non-negative integer");
+            throw invalid_argument(context + ": key '" + std::string(key) + "' = '" + value +
+                                   "': expected a non-negative integer");
         }
         const auto small = [&](std::int32_t lo) {
             if (number < static_cast<std::uint64_t>(lo) || number > (1u << 30)) {
-                throw invalid_argument(context + ": key '" + std::string(key) + "' = '" + value + "': expected an integer in [" +
-                                       std::to_string(lo) + ", 2^30]");
+                throw invalid_argument(context + ": key '" + std::string(key) + "' = '" + value +
+                                       "': expected an integer in [" + std::to_string(lo) + ", 2^30]");
             }
             return static_cast<std::int32_t>(number);
         };
@@ -103,13 +107,14 @@ inline SyntheticConfig parse_synthetic(std::string_view text) {
         }
     }
     if (config.q_heads % config.kv_heads != 0) {
-        throw invalid_argument(context + ": q_heads = " + std::to_string(config.q_heads) + " must be a multiple of kv_heads = " +
-                               std::to_string(config.kv_heads));
+        throw invalid_argument(context + ": q_heads = " + std::to_string(config.q_heads) +
+                               " must be a multiple of kv_heads = " + std::to_string(config.kv_heads));
     }
-    if (config.dim % 2 != 0) throw invalid_argument(context + ": dim = " + std::to_string(config.dim) + " must be even (RoPE pairs)");
+    if (config.dim % 2 != 0)
+        throw invalid_argument(context + ": dim = " + std::to_string(config.dim) + " must be even (RoPE pairs)");
     if (config.prefill_tokens() >= config.tokens) {
-        throw invalid_argument(context + ": prefill = " + std::to_string(config.prefill_tokens()) + " must be less than tokens = " +
-                               std::to_string(config.tokens));
+        throw invalid_argument(context + ": prefill = " + std::to_string(config.prefill_tokens()) +
+                               " must be less than tokens = " + std::to_string(config.tokens));
     }
     return config;
 }
@@ -183,13 +188,13 @@ inline std::uint64_t sub_seed(std::uint64_t seed, std::uint64_t a, std::uint64_t
 struct SyntheticShape {
     static constexpr std::int32_t sinks = 4;
     static constexpr float theta = 500000.0f;
-    static constexpr double needle_rate = 1.0 / 64;      ///< per position and KV head
-    static constexpr double align_rate = 1.0 / 8;        ///< per query and query head
-    static constexpr double local_min = 8.0, local_max = 12.0;  ///< a_h: logit of a key at distance 0
-    static constexpr double sink_min = 7.0, sink_max = 11.0;    ///< b_h: logit of a sink
+    static constexpr double needle_rate = 1.0 / 64;                ///< per position and KV head
+    static constexpr double align_rate = 1.0 / 8;                  ///< per query and query head
+    static constexpr double local_min = 8.0, local_max = 12.0;     ///< a_h: logit of a key at distance 0
+    static constexpr double sink_min = 7.0, sink_max = 11.0;       ///< b_h: logit of a sink
     static constexpr double needle_min = 11.0, needle_max = 15.0;  ///< g: logit of an aligned needle
-    static constexpr double key_noise = 0.3, query_noise = 0.3;   ///< per coordinate, before scaling
-    static constexpr double sink_value_scale = 0.1;               ///< sinks carry small values
+    static constexpr double key_noise = 0.3, query_noise = 0.3;    ///< per coordinate, before scaling
+    static constexpr double sink_value_scale = 0.1;                ///< sinks carry small values
 };
 
 /// Generates the trace described at the top of this file.
@@ -208,12 +213,13 @@ inline Trace make_synthetic(const SyntheticConfig& config) {
     const std::int32_t G = Hq / Hkv;
     const std::size_t Du = static_cast<std::size_t>(D);
     trace.q.assign(static_cast<std::size_t>(L) * static_cast<std::size_t>(T) * static_cast<std::size_t>(Hq) * Du, 0.0f);
-    trace.k.assign(static_cast<std::size_t>(L) * static_cast<std::size_t>(T) * static_cast<std::size_t>(Hkv) * Du, 0.0f);
+    trace.k.assign(static_cast<std::size_t>(L) * static_cast<std::size_t>(T) * static_cast<std::size_t>(Hkv) * Du,
+                   0.0f);
     trace.v.assign(trace.k.size(), 0.0f);
 
     // Coordinate groups by RoPE pair (interleaved: pair i is coordinates 2i, 2i+1; it turns by theta^(-2i/D)).
     const std::int32_t pairs = D / 2;
-    const std::int32_t local_pairs = std::max(1, pairs / 2);             // [0, local_pairs)
+    const std::int32_t local_pairs = std::max(1, pairs / 2);            // [0, local_pairs)
     const std::int32_t content_first = pairs - std::max(1, pairs / 4);  // [content_first, pairs)
     const double root_d = std::sqrt(static_cast<double>(D));
 
@@ -237,7 +243,8 @@ inline Trace make_synthetic(const SyntheticConfig& config) {
 
     for (std::int32_t l = 0; l < L; ++l) {
         for (std::int32_t g = 0; g < Hkv; ++g) {
-            detail::Random rng(detail::sub_seed(config.seed, static_cast<std::uint64_t>(l), static_cast<std::uint64_t>(g), 0));
+            detail::Random rng(
+                detail::sub_seed(config.seed, static_cast<std::uint64_t>(l), static_cast<std::uint64_t>(g), 0));
             // Directions of this KV head.
             std::vector<double> u(Du, 0.0);
             for (std::int32_t p = 0; p < local_pairs; ++p) {
@@ -266,8 +273,12 @@ inline Trace make_synthetic(const SyntheticConfig& config) {
             // Keys and values.
             std::size_t next_needle = 0;
             for (std::int32_t j = 0; j < T; ++j) {
-                float* key = trace.k.data() + ((static_cast<std::size_t>(l) * static_cast<std::size_t>(T) + static_cast<std::size_t>(j)) *
-                                                   static_cast<std::size_t>(Hkv) + static_cast<std::size_t>(g)) * Du;
+                float* key =
+                    trace.k.data() +
+                    ((static_cast<std::size_t>(l) * static_cast<std::size_t>(T) + static_cast<std::size_t>(j)) *
+                         static_cast<std::size_t>(Hkv) +
+                     static_cast<std::size_t>(g)) *
+                        Du;
                 float* value = trace.v.data() + (key - trace.k.data());
                 const bool needle = next_needle < needles.size() && needles[next_needle] == j;
                 for (std::size_t d = 0; d < Du; ++d) {
@@ -284,14 +295,19 @@ inline Trace make_synthetic(const SyntheticConfig& config) {
             // Queries of the heads in this group.
             for (std::int32_t r = 0; r < G; ++r) {
                 const std::int32_t h = g * G + r;
-                detail::Random qrng(detail::sub_seed(config.seed, static_cast<std::uint64_t>(l), static_cast<std::uint64_t>(h), 1));
+                detail::Random qrng(
+                    detail::sub_seed(config.seed, static_cast<std::uint64_t>(l), static_cast<std::uint64_t>(h), 1));
                 const double a = qrng.uniform(S::local_min, S::local_max);
                 const double b = qrng.uniform(S::sink_min, S::sink_max);
                 std::size_t needles_before = 0;
                 for (std::int32_t t = 0; t < T; ++t) {
                     while (needles_before < needles.size() && needles[needles_before] < t) ++needles_before;
-                    float* query = trace.q.data() + ((static_cast<std::size_t>(l) * static_cast<std::size_t>(T) + static_cast<std::size_t>(t)) *
-                                                         static_cast<std::size_t>(Hq) + static_cast<std::size_t>(h)) * Du;
+                    float* query =
+                        trace.q.data() +
+                        ((static_cast<std::size_t>(l) * static_cast<std::size_t>(T) + static_cast<std::size_t>(t)) *
+                             static_cast<std::size_t>(Hq) +
+                         static_cast<std::size_t>(h)) *
+                            Du;
                     const std::vector<double>* aligned = nullptr;
                     double strength = 0;
                     if (needles_before > 0 && qrng.uniform() < S::align_rate) {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -29,12 +30,12 @@
 namespace kvsparse::tools {
 
 struct Trace {
-    std::string source;        ///< the directory, or "synthetic ..." with its parameters
+    std::string source;             ///< the directory, or "synthetic ..." with its parameters
     std::string dtype = "float32";  ///< of the files it was read from
     ModelShape shape;
-    std::int32_t tokens = 0;   ///< T
-    std::int32_t prefill = 1;  ///< positions [0, prefill) are one prefill call
-    std::optional<Rope> rope;  ///< the RoPE the trace declares, if any
+    std::int32_t tokens = 0;                ///< T
+    std::int32_t prefill = 1;               ///< positions [0, prefill) are one prefill call
+    std::optional<Rope> rope;               ///< the RoPE the trace declares, if any
     std::vector<std::vector<float>> alpha;  ///< [L][Hkv] LServe gate values, or empty
     std::vector<float> q, k, v;             ///< [L][T][H][D]
 
@@ -70,14 +71,17 @@ struct Trace {
         const auto expect = [&](const std::vector<float>& x, std::int32_t heads, const char* name) {
             const std::size_t n = static_cast<std::size_t>(shape.layers) * static_cast<std::size_t>(tokens) *
                                   static_cast<std::size_t>(heads) * static_cast<std::size_t>(shape.head_dim);
-            if (x.size() != n) fail(std::string(name) + " holds " + std::to_string(x.size()) + " values, expected " + std::to_string(n));
+            if (x.size() != n)
+                fail(std::string(name) + " holds " + std::to_string(x.size()) + " values, expected " +
+                     std::to_string(n));
         };
         expect(q, shape.q_heads, "q");
         expect(k, shape.kv_heads, "k");
         expect(v, shape.kv_heads, "v");
         if (!alpha.empty()) {
             if (alpha.size() != static_cast<std::size_t>(shape.layers)) {
-                fail("alpha has " + std::to_string(alpha.size()) + " rows, expected one per layer (" + std::to_string(shape.layers) + ")");
+                fail("alpha has " + std::to_string(alpha.size()) + " rows, expected one per layer (" +
+                     std::to_string(shape.layers) + ")");
             }
             for (std::size_t l = 0; l < alpha.size(); ++l) {
                 if (alpha[l].size() != static_cast<std::size_t>(shape.kv_heads)) {
@@ -93,7 +97,8 @@ private:
     std::span<const float> rows(const std::vector<float>& x, std::int32_t heads, std::int32_t layer, std::int32_t t,
                                 std::int32_t n) const {
         const std::size_t row = static_cast<std::size_t>(heads) * static_cast<std::size_t>(shape.head_dim);
-        const std::size_t first = (static_cast<std::size_t>(layer) * static_cast<std::size_t>(tokens) + static_cast<std::size_t>(t)) * row;
+        const std::size_t first =
+            (static_cast<std::size_t>(layer) * static_cast<std::size_t>(tokens) + static_cast<std::size_t>(t)) * row;
         return std::span<const float>(x).subspan(first, static_cast<std::size_t>(n) * row);
     }
 };
@@ -137,7 +142,8 @@ inline void read_meta(const std::filesystem::path& file, Trace& trace) {
             } else if (s == "half_split") {
                 rope.style = RopeStyle::half_split;
             } else {
-                throw format_error(where + ": \"rope.style\" = " + s.dump() + ": expected \"interleaved\" or \"half_split\"");
+                throw format_error(where + ": \"rope.style\" = " + s.dump() +
+                                   ": expected \"interleaved\" or \"half_split\"");
             }
         }
         if (r.contains("theta")) {
@@ -154,7 +160,8 @@ inline void read_meta(const std::filesystem::path& file, Trace& trace) {
         if (!a.is_array()) throw format_error(where + ": \"alpha\" must be an array of per-layer arrays [L][Hkv]");
         trace.alpha.clear();
         for (const auto& row : a) {
-            if (!row.is_array()) throw format_error(where + ": \"alpha\" must be an array of per-layer arrays [L][Hkv]");
+            if (!row.is_array())
+                throw format_error(where + ": \"alpha\" must be an array of per-layer arrays [L][Hkv]");
             std::vector<float> values;
             for (const auto& x : row) {
                 if (!x.is_number()) throw format_error(where + ": \"alpha\" holds a non-number: " + x.dump());
@@ -165,17 +172,21 @@ inline void read_meta(const std::filesystem::path& file, Trace& trace) {
     }
 }
 
-inline std::vector<float> read_tensor(const std::filesystem::path& file, std::string& dtype, std::vector<std::int64_t>& shape) {
+inline std::vector<float> read_tensor(const std::filesystem::path& file, std::string& dtype,
+                                      std::vector<std::int64_t>& shape) {
     const npy::Array array = npy::read(file);
     if (array.dtype != npy::DType::float32 && array.dtype != npy::DType::float16) {
-        throw format_error(file.string() + ": dtype " + std::string(npy::name_of(array.dtype)) + ", expected float32 or float16");
+        throw format_error(file.string() + ": dtype " + std::string(npy::name_of(array.dtype)) +
+                           ", expected float32 or float16");
     }
     if (array.shape.size() != 4) {
-        throw format_error(file.string() + ": shape " + npy::shape_string(array.shape) + ", expected 4 dimensions [L, T, H, D]");
+        throw format_error(file.string() + ": shape " + npy::shape_string(array.shape) +
+                           ", expected 4 dimensions [L, T, H, D]");
     }
     for (const std::int64_t n : array.shape) {
         if (n < 1 || n > std::numeric_limits<std::int32_t>::max()) {
-            throw format_error(file.string() + ": shape " + npy::shape_string(array.shape) + ": every dimension must be in [1, 2^31)");
+            throw format_error(file.string() + ": shape " + npy::shape_string(array.shape) +
+                               ": every dimension must be in [1, 2^31)");
         }
     }
     dtype = std::string(npy::name_of(array.dtype));
@@ -195,17 +206,20 @@ inline Trace load_trace(const std::filesystem::path& dir) {
     trace.q = detail::read_tensor(dir / "q.npy", q_type, qs);
     trace.k = detail::read_tensor(dir / "k.npy", k_type, ks);
     trace.v = detail::read_tensor(dir / "v.npy", v_type, vs);
-    if (ks != vs) throw format_error(trace.source + ": k.npy " + npy::shape_string(ks) + " and v.npy " + npy::shape_string(vs) + " differ in shape");
+    if (ks != vs)
+        throw format_error(trace.source + ": k.npy " + npy::shape_string(ks) + " and v.npy " + npy::shape_string(vs) +
+                           " differ in shape");
     if (qs[0] != ks[0] || qs[1] != ks[1] || qs[3] != ks[3]) {
         throw format_error(trace.source + ": q.npy " + npy::shape_string(qs) + " and k.npy " + npy::shape_string(ks) +
                            " must agree in L, T and D");
     }
     if (qs[2] % ks[2] != 0) {
-        throw format_error(trace.source + ": q.npy has " + std::to_string(qs[2]) + " heads, not a multiple of k.npy's " + std::to_string(ks[2]));
+        throw format_error(trace.source + ": q.npy has " + std::to_string(qs[2]) +
+                           " heads, not a multiple of k.npy's " + std::to_string(ks[2]));
     }
     trace.dtype = q_type == k_type && k_type == v_type ? q_type : "mixed";
-    trace.shape = ModelShape{static_cast<std::int32_t>(qs[0]), static_cast<std::int32_t>(qs[2]), static_cast<std::int32_t>(ks[2]),
-                             static_cast<std::int32_t>(qs[3])};
+    trace.shape = ModelShape{static_cast<std::int32_t>(qs[0]), static_cast<std::int32_t>(qs[2]),
+                             static_cast<std::int32_t>(ks[2]), static_cast<std::int32_t>(qs[3])};
     trace.tokens = static_cast<std::int32_t>(qs[1]);
     if (std::filesystem::exists(dir / "meta.json")) detail::read_meta(dir / "meta.json", trace);
     trace.validate();

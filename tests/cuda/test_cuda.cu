@@ -206,7 +206,7 @@ struct Stream {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("write stores rows like CpuBackend, bit for bit", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("write stores rows like CpuBackend / bit for bit", "[cuda]", float, half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(11);
     Stream stream;
