@@ -250,4 +250,11 @@ inline std::vector<int> closed_form_set(PolicySpec spec, int t) {
     return s;
 }
 
+/// Queries for KVCache::select where the policy ignores them (it selects by position only): zeros of the
+/// right size.
+template <class Cache>
+std::vector<float> unused_queries(const Cache& cache) {
+    return std::vector<float>(static_cast<std::size_t>(cache.shape().q_heads * cache.shape().head_dim), 0.0f);
+}
+
 }  // namespace ref

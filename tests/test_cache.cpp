@@ -20,7 +20,7 @@ using kvsparse::KVCache;
 
 std::vector<int> positions_of(KVCache<AttentionSink>& cache, kvsparse::SequenceId seq, int layer, int h) {
     kvsparse::Selection selection;
-    cache.select(seq, layer, selection);
+    cache.select(seq, layer, ref::unused_queries(cache), selection);
     const auto p = selection.positions_of(h);
     return {p.begin(), p.end()};
 }
@@ -239,7 +239,7 @@ TEST_CASE("one append of several tokens is several decode appends / tokens evict
     const auto seq = cache.add_sequence();
     cache.append(seq, 0, data.keys(0, 0, 5), data.values(0, 0, 5));
     kvsparse::Selection selection;
-    cache.select(seq, 0, selection);
+    cache.select(seq, 0, ref::unused_queries(cache), selection);
     REQUIRE(std::vector<int>(selection.positions.begin(), selection.positions.end()) == std::vector<int>{3, 4});
     const kvsparse::StreamView<float> view = cache.stream_view(seq, 0, 0);
     for (std::size_t i = 0; i < 2; ++i)

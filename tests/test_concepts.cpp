@@ -30,10 +30,13 @@ struct PrefillVisible {
     bool prefill_visible(std::int32_t, std::int32_t, std::int32_t, std::int32_t) const { return true; }
 };
 struct Select {
-    std::int32_t select(const StreamState&, std::span<std::int32_t>) const { return 0; }
+    std::int32_t select(const StreamState&, std::span<const float>, std::span<std::int32_t>) const { return 0; }
 };
 struct Rotates {
     bool rotates_in_cache() const { return false; }
+};
+struct PerQueryHead {
+    bool per_query_head() const { return false; }
 };
 
 // Wrong variants of the same members.
@@ -50,7 +53,10 @@ struct PrefillVisibleTwoArgs {
     bool prefill_visible(std::int32_t, std::int32_t) const { return true; }
 };
 struct SelectIntoPointer {
-    std::int32_t select(const StreamState&, std::int32_t*) const { return 0; }
+    std::int32_t select(const StreamState&, std::span<const float>, std::int32_t*) const { return 0; }
+};
+struct SelectWithoutQueries {
+    std::int32_t select(const StreamState&, std::span<std::int32_t>) const { return 0; }
 };
 struct RotatesVoid {
     void rotates_in_cache() const {}
@@ -63,7 +69,7 @@ struct NotCopyable {
 template <class... Parts>
 struct PolicyOf : Parts... {};
 
-using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates>;
+using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>;
 
 // ---- backends -----------------------------------------------------------------------------------------
 
@@ -151,20 +157,22 @@ static_assert(std::is_trivially_copyable_v<kvsparse::AttendArgs<float>>);
 
 static_assert(kvsparse::kv_policy<MinimalPolicy>);
 static_assert(cache_accepts<MinimalPolicy>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates>>);     // no capacity
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillVisible, Select, Rotates>>);  // no place
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillVisible, Select, Rotates>>);   // no retain
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates>>);           // no prefill_visible
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Rotates>>);   // no select
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select>>);    // no rotates_in_cache
-static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillVisible, Select, Rotates>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillVisible, Select, Rotates>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillVisible, Select, Rotates>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisibleTwoArgs, Select, Rotates>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectIntoPointer, Rotates>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, RotatesVoid>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillVisible, Select, Rotates>>);
-static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);     // no capacity
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);  // no place
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillVisible, Select, Rotates, PerQueryHead>>);   // no retain
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates, PerQueryHead>>);           // no prefill_visible
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Rotates, PerQueryHead>>);   // no select
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, PerQueryHead>>);    // no rotates_in_cache
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates>>);  // no per_query_head
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectWithoutQueries, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillVisible, Select, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisibleTwoArgs, Select, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectIntoPointer, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, RotatesVoid, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
+static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
 static_assert(!kvsparse::kv_policy<int>);
 
 // ---- hand-made backends ------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ Snapshot snapshot(Cache& cache, const std::vector<kvsparse::SequenceId>& seqs) {
         for (int layer = 0; layer < shape.layers; ++layer) {
             s.numbers.push_back(cache.length(seq, layer));
             kvsparse::Selection selection;
-            cache.select(seq, layer, selection);
+            cache.select(seq, layer, ref::unused_queries(cache), selection);
             s.selections.insert(s.selections.end(), selection.indptr.begin(), selection.indptr.end());
             s.selections.insert(s.selections.end(), selection.slots.begin(), selection.slots.end());
             s.selections.insert(s.selections.end(), selection.positions.begin(), selection.positions.end());
@@ -217,8 +217,8 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
     }
     SECTION("select, length, memory, stream_state, stream_view") {
         kvsparse::Selection selection;
-        expect_error<invalid_argument>([&] { cache.select(a, 2, selection); }, {"layer = 2"});
-        expect_error<invalid_argument>([&] { cache.select(removed, 0, selection); }, {bad_seq});
+        expect_error<invalid_argument>([&] { cache.select(a, 2, ref::unused_queries(cache), selection); }, {"layer = 2"});
+        expect_error<invalid_argument>([&] { cache.select(removed, 0, ref::unused_queries(cache), selection); }, {bad_seq});
         expect_error<invalid_argument>([&] { (void)cache.length(a, -3); }, {"layer = -3"});
         expect_error<invalid_argument>([&] { (void)cache.length(11, 0); }, {"sequence = 11"});
         expect_error<invalid_argument>([&] { (void)cache.memory(removed); }, {bad_seq});
@@ -242,7 +242,7 @@ TEST_CASE("a failed call leaves the cache exactly as it was", "[errors]") {
     }
     SECTION("shift_keys") {
         kvsparse::Selection selection;
-        cache.select(b, 0, selection);
+        cache.select(b, 0, ref::unused_queries(cache), selection);
         const std::int32_t held = selection.slots_of(0)[0];
         const std::int32_t free_slot = 5;  // B holds positions 0..4 in slots 0..4; slot 5 is in a held page
         REQUIRE(std::find(selection.slots.begin(), selection.slots.end(), free_slot) == selection.slots.end());

@@ -150,7 +150,7 @@ void run_scenario(const Scenario& sc, const Policy& policy) {
     // Selection, slot contents, stream state and memory of `layer` against the simulation.
     const auto verify_state = [&](int layer) {
         kvsparse::Selection selection;
-        cache.select(seq, layer, selection);
+        cache.select(seq, layer, ref::unused_queries(cache), selection);
         REQUIRE(selection.indptr.size() == static_cast<std::size_t>(sh.kv_heads + 1));
         for (int h = 0; h < sh.kv_heads; ++h) {
             const ref::Held& expected = held_at(layer, h);
@@ -418,7 +418,7 @@ TEST_CASE("engine-style K-shift: rotated keys re-rotated by -1 on each eviction 
         engine.append(e_seq, 0, rotate_rows(data.keys(0, t, 1), cell), data.values(0, t, 1));
         if (evicts) {
             kvsparse::Selection selection;
-            engine.select(e_seq, 0, selection);
+            engine.select(e_seq, 0, ref::unused_queries(engine), selection);
             for (int h = 0; h < sh.kv_heads; ++h) {
                 std::vector<std::int32_t> later;
                 const auto positions = selection.positions_of(h);

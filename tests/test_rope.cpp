@@ -175,7 +175,7 @@ TEMPLATE_TEST_CASE("KVCache with rope stores keys rotated at their position / sh
         };
         const auto slot_of = [&](int layer, int h, int position) {
             kvsparse::Selection selection;
-            cache.select(seq, layer, selection);
+            cache.select(seq, layer, ref::unused_queries(cache), selection);
             const auto positions = selection.positions_of(h);
             const auto it = std::find(positions.begin(), positions.end(), position);
             REQUIRE(it != positions.end());

@@ -68,7 +68,7 @@ public:
                          std::span<float> out) = 0;
     virtual void append(std::span<const float> k, std::span<const float> v) = 0;
     /// Runs KVCache::select and returns the nanoseconds it took; attended() then gives the sets.
-    virtual std::int64_t select() = 0;
+    virtual std::int64_t select(std::span<const float> queries) = 0;
     /// Positions query head `q_head` attends at this step (ascending). All query heads of a KV head
     /// share its set (REFERENCE.md); a policy that selects per query head overrides this.
     virtual std::span<const std::int32_t> attended(std::int32_t q_head) const = 0;
@@ -114,14 +114,14 @@ public:
         cache_.prefill(sequence_, layer_, q, k, v, out);
     }
     void append(std::span<const float> k, std::span<const float> v) override { cache_.append(sequence_, layer_, k, v); }
-    std::int64_t select() override {
+    std::int64_t select(std::span<const float> queries) override {
         const auto start = std::chrono::steady_clock::now();
-        cache_.select(sequence_, layer_, selection_);
+        cache_.select(sequence_, layer_, queries, selection_);
         const auto stop = std::chrono::steady_clock::now();
         return std::chrono::duration_cast<std::chrono::nanoseconds>(stop - start).count();
     }
     std::span<const std::int32_t> attended(std::int32_t q_head) const override {
-        return selection_.positions_of(q_head / group_);
+        return selection_.positions_of(q_head / group_, q_head % group_);
     }
     void attend(std::span<const float> q, std::span<float> out) override { cache_.attend(sequence_, layer_, q, out); }
     MemoryStats memory() const override { return cache_.memory(sequence_); }
@@ -353,7 +353,7 @@ inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vec
             PolicyRun& run = *runs[i];
             LayerFigures& f = figures[i];
             run.append(trace.keys(layer, t), trace.values(layer, t));
-            f.select_ns += run.select();
+            f.select_ns += run.select(q);
             run.attend(q, out);
             if (!masks.empty()) std::fill(row.begin(), row.end(), std::uint8_t{0});
             for (std::int32_t h = 0; h < Hq; ++h) {

@@ -21,18 +21,24 @@ namespace kvsparse {
 ///   stream, an occupied slot evicts its token.
 /// - `retain(stream, slot)`: after a prefill, whether the token in `slot` stays.
 /// - `prefill_visible(layer, kv_head, i, j)`: whether prefill query position i sees key position j <= i.
-/// - `select(stream, out)`: slots a decode query attends to, in ascending position order; returns the count.
-/// - `rotation_positions`: whether keys are rotated at their rank in the attended set
+/// - `select(stream, queries, out)`: slots a decode query attends to, in ascending position order; returns
+///   the count. `queries` are the group's query heads [group][head_dim] as attention sees them (one
+///   head when `per_query_head()`), for policies whose choice depends on the query.
+/// - `rotates_in_cache()`: whether keys are rotated at their rank in the attended set
 ///   (StreamingLLM's in-cache positions) rather than at their absolute position.
+/// - `per_query_head()`: whether each query head of a group selects on its own (else one set per KV head).
+/// policy_defaults (policies/policy_defaults.hpp) gives the usual answers for the last four.
 template <class P>
 concept kv_policy = std::copy_constructible<P> &&
-    requires(const P& policy, const StreamState& stream, std::int32_t i, std::span<std::int32_t> out) {
+    requires(const P& policy, const StreamState& stream, std::int32_t i, std::span<const float> queries,
+             std::span<std::int32_t> out) {
         { policy.capacity(i, i) } -> std::same_as<std::int32_t>;
         { policy.place(stream) } -> std::same_as<std::int32_t>;
+        { policy.select(stream, queries, out) } -> std::same_as<std::int32_t>;
         { policy.retain(stream, i) } -> std::same_as<bool>;
         { policy.prefill_visible(i, i, i, i) } -> std::same_as<bool>;
-        { policy.select(stream, out) } -> std::same_as<std::int32_t>;
         { policy.rotates_in_cache() } -> std::same_as<bool>;
+        { policy.per_query_head() } -> std::same_as<bool>;
     };
 
 /// Arguments of one gathered attention: the query heads of one KV head over a set of slots.

@@ -5,7 +5,7 @@
 //
 // Decode step at position t, per layer:   append(seq, layer, k, v);  attend(seq, layer, q, out);
 // Prompt of n tokens, per layer:          prefill(seq, layer, q, k, v, out);
-// Engines with their own kernels:         append(...);  select(seq, layer, selection);
+// Engines with their own kernels:         append(...);  select(seq, layer, q, selection);
 
 #include <algorithm>
 #include <cmath>
@@ -51,19 +51,27 @@ struct MemoryStats {
     std::int32_t max_stream_tokens = 0;     ///< most tokens any one stream holds
 };
 
-/// The sets a decode query attends to, per KV head, in ascending position order (CSR).
+/// The sets decode queries attend to, in ascending position order (CSR). One row per KV head, or, for a
+/// policy that selects per query head, one row per query head (`rows_per_kv_head` = group size).
 struct Selection {
-    std::vector<std::int32_t> indptr;     ///< [kv_heads + 1]
+    std::int32_t rows_per_kv_head = 1;
+    std::vector<std::int32_t> indptr;     ///< [rows + 1]
     std::vector<std::int32_t> slots;      ///< storage slots, addressed through stream_view(seq, layer, head)
     std::vector<std::int32_t> positions;  ///< absolute positions of the same tokens
 
-    std::span<const std::int32_t> slots_of(std::int32_t kv_head) const { return row(slots, kv_head); }
-    std::span<const std::int32_t> positions_of(std::int32_t kv_head) const { return row(positions, kv_head); }
+    /// The set of query head `member` (0 .. group-1) of `kv_head`; `member` is ignored for shared sets.
+    std::span<const std::int32_t> slots_of(std::int32_t kv_head, std::int32_t member = 0) const {
+        return row(slots, kv_head, member);
+    }
+    std::span<const std::int32_t> positions_of(std::int32_t kv_head, std::int32_t member = 0) const {
+        return row(positions, kv_head, member);
+    }
 
 private:
-    std::span<const std::int32_t> row(const std::vector<std::int32_t>& v, std::int32_t h) const {
-        const auto begin = static_cast<std::size_t>(indptr[static_cast<std::size_t>(h)]);
-        const auto end = static_cast<std::size_t>(indptr[static_cast<std::size_t>(h) + 1]);
+    std::span<const std::int32_t> row(const std::vector<std::int32_t>& v, std::int32_t h, std::int32_t member) const {
+        const std::size_t r = static_cast<std::size_t>(h * rows_per_kv_head + (rows_per_kv_head > 1 ? member : 0));
+        const auto begin = static_cast<std::size_t>(indptr[r]);
+        const auto end = static_cast<std::size_t>(indptr[r + 1]);
         return std::span<const std::int32_t>(v).subspan(begin, end - begin);
     }
 };
@@ -174,34 +182,38 @@ public:
         detail::require(out.size() == q_size, "out.size()", out.size(), "must be q_heads * head_dim");
         const std::int32_t t = sequence.lengths[static_cast<std::size_t>(layer)] - 1;
         detail::require(t >= 0, "length", t + 1, "attend needs at least one appended token");
-        const std::int32_t group = config_.shape.group_size();
-        const std::size_t group_size = static_cast<std::size_t>(group * config_.shape.head_dim);
-        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
-            Stream& s = stream_at(sequence, layer, h);
-            const std::int32_t count = select_into(s, layer, h, scratch_slots_);
-            const std::span<const std::int32_t> slots(scratch_slots_.data(), static_cast<std::size_t>(count));
-            attend_group(s, layer, h, slots, queries.subspan(static_cast<std::size_t>(h) * group_size, group_size), t,
-                         out.subspan(static_cast<std::size_t>(h) * group_size, group_size), stream);
-        }
+        const std::span<const float> q = rotated_queries(queries, t, 1, stream);
+        const std::size_t dim = static_cast<std::size_t>(config_.shape.head_dim);
+        for_each_selection(sequence, layer, q, [&](Stream& s, std::int32_t h, std::int32_t first_q_head,
+                                                   std::span<const std::int32_t> slots, std::span<const float> rows) {
+            attend_group(s, h, slots, rows, t, out.subspan(static_cast<std::size_t>(first_q_head) * dim, rows.size()),
+                         stream);
+        });
     }
 
     /// The sets the next decode query of `layer` attends to, for engines that run attention themselves.
-    void select(SequenceId id, std::int32_t layer, Selection& selection) {
+    /// `queries` [q_heads][head_dim] as given to attend (policies that select by query read them).
+    void select(SequenceId id, std::int32_t layer, std::span<const float> queries, Selection& selection,
+                stream_type stream = {}) {
         Sequence& sequence = at(id);
         check_layer(layer);
+        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
+        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
+        // An empty stream selects nothing; its query position is then irrelevant.
+        const std::int32_t t = std::max(sequence.lengths[static_cast<std::size_t>(layer)] - 1, 0);
+        const std::span<const float> q = rotated_queries(queries, t, 1, stream);
+        selection.rows_per_kv_head = policy_.per_query_head() ? config_.shape.group_size() : 1;
         selection.indptr.assign(1, 0);
         selection.slots.clear();
         selection.positions.clear();
-        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
-            Stream& s = stream_at(sequence, layer, h);
-            const std::int32_t count = select_into(s, layer, h, scratch_slots_);
-            for (std::int32_t i = 0; i < count; ++i) {
-                const std::int32_t slot = scratch_slots_[static_cast<std::size_t>(i)];
+        for_each_selection(sequence, layer, q, [&](Stream& s, std::int32_t, std::int32_t, std::span<const std::int32_t> slots,
+                                                   std::span<const float>) {
+            for (const std::int32_t slot : slots) {
                 selection.slots.push_back(slot);
                 selection.positions.push_back(s.positions[static_cast<std::size_t>(slot)]);
             }
             selection.indptr.push_back(static_cast<std::int32_t>(selection.slots.size()));
-        }
+        });
     }
 
     // ---- prefill ---------------------------------------------------------------------------------------
@@ -222,6 +234,7 @@ public:
 
         const std::int32_t first = sequence.lengths[static_cast<std::size_t>(layer)];
         std::span<const float> stored_keys = rotated_keys(keys, first, n, stream);
+        const std::span<const float> rotated_q = rotated_queries(queries, first, n, stream);
         const std::int32_t dim = config_.shape.head_dim;
         const std::int32_t group = config_.shape.group_size();
         const std::size_t kv_row = static_cast<std::size_t>(config_.shape.kv_heads * dim);
@@ -250,8 +263,8 @@ public:
                     if (policy_.prefill_visible(layer, h, qpos, kpos)) visible.push_back(slot);
                 }
                 const std::size_t q_offset = static_cast<std::size_t>(i) * q_row + static_cast<std::size_t>(h) * group_size;
-                attend_group(s, layer, h, visible, queries.subspan(q_offset, group_size), qpos,
-                             out.subspan(q_offset, group_size), stream);
+                attend_group(s, h, visible, rotated_q.subspan(q_offset, group_size), qpos, out.subspan(q_offset, group_size),
+                             stream);
             }
         }
         sequence.lengths[static_cast<std::size_t>(layer)] += n;
@@ -407,30 +420,52 @@ private:
         return rotated_;
     }
 
-    std::int32_t select_into(Stream& s, std::int32_t layer, std::int32_t h, std::vector<std::int32_t>& slots) {
-        slots.resize(std::max<std::size_t>(slots.size(), static_cast<std::size_t>(s.held)));
-        return policy_.select(state(s, layer, h), slots);
+    /// Queries [n][q_heads][head_dim] at positions first.. as attention sees them: rotated at their absolute
+    /// positions when the cache rotates, else as given.
+    std::span<const float> rotated_queries(std::span<const float> queries, std::int32_t first, std::int32_t n,
+                                           stream_type stream) {
+        if (!cache_rotates()) return queries;
+        rotated_queries_.assign(queries.begin(), queries.end());
+        positions_.resize(static_cast<std::size_t>(n));
+        std::iota(positions_.begin(), positions_.end(), first);
+        backend_.rope(rotated_queries_, config_.shape.q_heads, config_.shape.head_dim, positions_, *config_.rope, stream);
+        return rotated_queries_;
     }
 
-    /// Attention of one KV head's query group at position `qpos` over `slots` (ascending positions).
-    void attend_group(Stream& s, std::int32_t, std::int32_t h, std::span<const std::int32_t> slots,
-                      std::span<const float> queries, std::int32_t qpos, std::span<float> out, stream_type stream) {
-        const std::int32_t dim = config_.shape.head_dim;
+    /// Runs the policy's decode selection for every KV head of `layer` and calls
+    /// visit(stream, kv_head, first query head, slots, query rows) once per set: per KV head with the
+    /// group's rows, or per query head with its own row when the policy selects per query head.
+    template <class Visit>
+    void for_each_selection(Sequence& sequence, std::int32_t layer, std::span<const float> queries, Visit visit) {
         const std::int32_t group = config_.shape.group_size();
+        const std::size_t dim = static_cast<std::size_t>(config_.shape.head_dim);
+        const std::int32_t rows = policy_.per_query_head() ? 1 : group;
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            Stream& s = stream_at(sequence, layer, h);
+            scratch_slots_.resize(std::max<std::size_t>(scratch_slots_.size(), static_cast<std::size_t>(s.held)));
+            for (std::int32_t first = h * group; first < (h + 1) * group; first += rows) {
+                const auto q = queries.subspan(static_cast<std::size_t>(first) * dim, static_cast<std::size_t>(rows) * dim);
+                const std::int32_t count = policy_.select(state(s, layer, h), q, scratch_slots_);
+                visit(s, h, first, std::span<const std::int32_t>(scratch_slots_.data(), static_cast<std::size_t>(count)), q);
+            }
+        }
+    }
+
+    /// Attention of query rows (rotated as for their absolute position `qpos`) of KV head `h` over `slots`
+    /// (ascending positions). In-cache positions turn every key from its position to its rank in the
+    /// set, and the queries to the last rank.
+    void attend_group(Stream& s, std::int32_t h, std::span<const std::int32_t> slots, std::span<const float> queries,
+                      std::int32_t qpos, std::span<float> out, stream_type stream) {
+        const std::int32_t dim = config_.shape.head_dim;
+        const std::int32_t group = static_cast<std::int32_t>(queries.size()) / dim;
         std::span<const float> q = queries;
         std::span<const std::int32_t> key_rotation;
-        // Absolute: the query turns to qpos (if the cache rotates). In-cache: every key turns from its
-        // position to its rank in the set, and the query to the last rank.
         const bool in_cache = policy_.rotates_in_cache();
-        const std::int32_t query_turn = (cache_rotates() ? qpos : 0) +
-                                        (in_cache ? static_cast<std::int32_t>(slots.size()) - 1 - qpos : 0);
-        if (query_turn != 0 || cache_rotates()) {
+        if (in_cache) {
             query_.assign(queries.begin(), queries.end());
-            positions_.assign(1, query_turn);
+            positions_.assign(1, static_cast<std::int32_t>(slots.size()) - 1 - qpos);
             backend_.rope(query_, group, dim, positions_, *config_.rope, stream);
             q = query_;
-        }
-        if (in_cache) {
             key_rotation_.resize(slots.size());
             for (std::size_t i = 0; i < slots.size(); ++i) {
                 key_rotation_[i] = static_cast<std::int32_t>(i) - s.positions[static_cast<std::size_t>(slots[i])];
@@ -504,7 +539,7 @@ private:
 
     // Scratch reused across calls, so steady-state decode does not allocate.
     std::vector<std::int32_t> scratch_slots_, prefill_order_, visible_, positions_, key_rotation_;
-    std::vector<float> rotated_, query_;
+    std::vector<float> rotated_, rotated_queries_, query_;
     std::vector<std::byte> workspace_;
 };
 

@@ -7,6 +7,7 @@
 #include <span>
 
 #include "kvsparse/error.hpp"
+#include "kvsparse/policies/policy_defaults.hpp"
 #include "kvsparse/stream.hpp"
 
 namespace kvsparse {
@@ -17,7 +18,7 @@ enum class PositionMode : std::uint8_t {
     in_cache,  ///< the i-th attended key is rotated at i, the query at |S_t| - 1 (original StreamingLLM)
 };
 
-class AttentionSink {
+class AttentionSink : public policy_defaults {
 public:
     struct Config {
         std::int32_t sinks = 4;
@@ -51,10 +52,9 @@ public:
         return position < config_.sinks || position > newest - config_.window;
     }
 
-    bool prefill_visible(std::int32_t, std::int32_t, std::int32_t, std::int32_t) const { return true; }
-
     /// S_t = [0, min(S, t+1)) ∪ [max(S, t-W+1), t], in ascending position order.
-    std::int32_t select(const StreamState& stream, std::span<std::int32_t> slots) const {
+    std::int32_t select(const StreamState& stream, std::span<const float> /*queries*/,
+                        std::span<std::int32_t> slots) const {
         const std::int32_t t = stream.next_position - 1;
         std::int32_t count = 0;
         for (std::int32_t p = 0; p < std::min(config_.sinks, t + 1); ++p) slots[static_cast<std::size_t>(count++)] = slot_of(p);

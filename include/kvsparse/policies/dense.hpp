@@ -4,22 +4,20 @@
 #include <cstdint>
 #include <span>
 
+#include "kvsparse/policies/policy_defaults.hpp"
 #include "kvsparse/stream.hpp"
 
 namespace kvsparse {
 
-class Dense {
+class Dense : public policy_defaults {
 public:
     std::int32_t capacity(std::int32_t /*layer*/, std::int32_t /*kv_head*/) const { return unbounded; }
     /// Slot i holds position i.
     std::int32_t place(const StreamState& stream) const { return stream.next_position; }
-    bool retain(const StreamState&, std::int32_t) const { return true; }
-    bool prefill_visible(std::int32_t, std::int32_t, std::int32_t, std::int32_t) const { return true; }
-    std::int32_t select(const StreamState& stream, std::span<std::int32_t> slots) const {
+    std::int32_t select(const StreamState& stream, std::span<const float> /*queries*/, std::span<std::int32_t> slots) const {
         for (std::int32_t p = 0; p < stream.next_position; ++p) slots[static_cast<std::size_t>(p)] = p;
         return stream.next_position;
     }
-    bool rotates_in_cache() const { return false; }
 };
 
 }  // namespace kvsparse

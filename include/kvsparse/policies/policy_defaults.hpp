@@ -1,0 +1,23 @@
+#pragma once
+// The answers most policies share. A policy derives from policy_defaults and overrides what differs;
+// the kv_policy concept still states every member, so nothing is implicit to the cache.
+
+#include <cstdint>
+
+namespace kvsparse {
+
+struct policy_defaults {
+    /// Every stored token survives a prefill.
+    bool retain(const struct StreamState&, std::int32_t /*slot*/) const { return true; }
+    /// Prefill is dense causal.
+    bool prefill_visible(std::int32_t /*layer*/, std::int32_t /*kv_head*/, std::int32_t /*query_position*/,
+                         std::int32_t /*key_position*/) const {
+        return true;
+    }
+    /// Keys keep their absolute rotation.
+    bool rotates_in_cache() const { return false; }
+    /// All query heads of a KV head attend to one set.
+    bool per_query_head() const { return false; }
+};
+
+}  // namespace kvsparse
