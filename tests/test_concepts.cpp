@@ -38,6 +38,12 @@ struct Rotates {
 struct PerQueryHead {
     bool per_query_head() const { return false; }
 };
+struct Accumulates {
+    bool accumulates_attention() const { return false; }
+};
+struct BoundsPageSize {
+    std::int32_t bounds_page_size(std::int32_t, std::int32_t) const { return 0; }
+};
 
 // Wrong variants of the same members.
 struct CapacityWide {
@@ -61,6 +67,15 @@ struct SelectWithoutQueries {
 struct RotatesVoid {
     void rotates_in_cache() const {}
 };
+struct AccumulatesInt {
+    int accumulates_attention() const { return 0; }
+};
+struct BoundsPageSizeWide {
+    std::int64_t bounds_page_size(std::int32_t, std::int32_t) const { return 0; }
+};
+struct BoundsPageSizeNoArgs {
+    std::int32_t bounds_page_size() const { return 0; }
+};
 struct NotCopyable {
     NotCopyable() = default;
     NotCopyable(const NotCopyable&) = delete;
@@ -69,7 +84,7 @@ struct NotCopyable {
 template <class... Parts>
 struct PolicyOf : Parts... {};
 
-using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>;
+using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>;
 
 // ---- backends -----------------------------------------------------------------------------------------
 
@@ -136,10 +151,15 @@ concept cache_stores = requires { typename kvsparse::KVCache<kvsparse::Dense, kv
 static_assert(kvsparse::kv_policy<kvsparse::Dense>);
 static_assert(kvsparse::kv_policy<kvsparse::SlidingWindow>);
 static_assert(kvsparse::kv_policy<kvsparse::AttentionSink>);
+static_assert(kvsparse::kv_policy<kvsparse::H2OHeavyHitter>);
+static_assert(kvsparse::kv_policy<kvsparse::QuestPageSelector>);
 static_assert(kvsparse::kv_backend<kvsparse::CpuBackend>);
 static_assert(cache_accepts<kvsparse::Dense>);
 static_assert(cache_accepts<kvsparse::SlidingWindow>);
 static_assert(cache_accepts<kvsparse::AttentionSink>);
+static_assert(cache_accepts<kvsparse::H2OHeavyHitter>);
+static_assert(cache_accepts<kvsparse::QuestPageSelector>);
+static_assert(std::is_trivially_copyable_v<kvsparse::KeyBoundsView>);
 
 static_assert(kvsparse::storage_type<float>);
 static_assert(kvsparse::storage_type<kvsparse::half>);
@@ -157,22 +177,27 @@ static_assert(std::is_trivially_copyable_v<kvsparse::AttendArgs<float>>);
 
 static_assert(kvsparse::kv_policy<MinimalPolicy>);
 static_assert(cache_accepts<MinimalPolicy>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);     // no capacity
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);  // no place
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillVisible, Select, Rotates, PerQueryHead>>);   // no retain
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates, PerQueryHead>>);           // no prefill_visible
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Rotates, PerQueryHead>>);   // no select
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, PerQueryHead>>);    // no rotates_in_cache
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates>>);  // no per_query_head
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectWithoutQueries, Rotates, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillVisible, Select, Rotates, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisibleTwoArgs, Select, Rotates, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectIntoPointer, Rotates, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, RotatesVoid, PerQueryHead>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
-static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);     // no capacity
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);  // no place
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);   // no retain
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);           // no prefill_visible
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);   // no select
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, PerQueryHead, Accumulates, BoundsPageSize>>);    // no rotates_in_cache
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, Accumulates, BoundsPageSize>>);  // no per_query_head
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectWithoutQueries, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisibleTwoArgs, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectIntoPointer, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, RotatesVoid, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, BoundsPageSize>>);  // no accumulates_attention
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, AccumulatesInt, BoundsPageSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates>>);  // no bounds_page_size
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSizeWide>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSizeNoArgs>>);
 static_assert(!kvsparse::kv_policy<int>);
 
 // ---- hand-made backends ------------------------------------------------------------------------------------
@@ -197,7 +222,7 @@ TEST_CASE("concepts: shipped policies and the CPU backend qualify / broken types
     // The checks above are compile-time; this case records them in the test list and exercises the
     // runtime side of a minimal custom policy through KVCache.
     STATIC_REQUIRE(kvsparse::kv_policy<kvsparse::AttentionSink>);
-    STATIC_REQUIRE_FALSE(kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select>>);
+    STATIC_REQUIRE_FALSE(kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Accumulates, BoundsPageSize>>);
     kvsparse::KVCache<kvsparse::Dense, MinimalBackend> cache(kvsparse::CacheConfig{{1, 1, 1, 2}, 1, 4, {}},
                                                              kvsparse::Dense{});
     const auto seq = cache.add_sequence();

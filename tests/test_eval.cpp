@@ -258,20 +258,47 @@ TEST_CASE("policy spec: every documented key of the existing policies is accepte
         std::get<AttentionSink>(make_policy(parse_policy_spec("sink:sinks=0,window=1,positions=absolute"))).budget() ==
         1);
 
+    const AnyPolicy h = make_policy(parse_policy_spec("h2o:heavy=100,recent=28"));
+    REQUIRE(std::holds_alternative<kvsparse::H2OHeavyHitter>(h));
+    CHECK(std::get<kvsparse::H2OHeavyHitter>(h).heavy() == 100);
+    CHECK(std::get<kvsparse::H2OHeavyHitter>(h).recent() == 28);
+    CHECK(std::get<kvsparse::H2OHeavyHitter>(make_policy(parse_policy_spec("h2o:heavy=0,recent=1"))).budget() == 1);
+
     // The default comparison.
     CHECK(default_policy_specs(512, true) == std::vector<std::string>{"dense", "window:window=512",
                                                                       "sink:sinks=4,window=508",
-                                                                      "sink:sinks=4,window=508,positions=in_cache"});
+                                                                      "sink:sinks=4,window=508,positions=in_cache",
+                                                                      "h2o:heavy=256,recent=256",
+                                                                      "quest:page=16,budget=512,dense_layers=0"});
     CHECK(default_policy_specs(512, false) ==
-          std::vector<std::string>{"dense", "window:window=512", "sink:sinks=4,window=508"});
+          std::vector<std::string>{"dense", "window:window=512", "sink:sinks=4,window=508", "h2o:heavy=256,recent=256",
+                                   "quest:page=16,budget=512,dense_layers=0"});
     for (const std::int32_t budget : {1, 2, 4, 5, 64}) {
         for (const std::string& text : default_policy_specs(budget, true)) {
             const AnyPolicy p = make_policy(parse_policy_spec(text));
             if (const auto* sink = std::get_if<AttentionSink>(&p)) CHECK(sink->budget() == budget);
+            if (const auto* h2o = std::get_if<kvsparse::H2OHeavyHitter>(&p)) CHECK(h2o->budget() == budget);
+            if (const auto* quest = std::get_if<kvsparse::QuestPageSelector>(&p)) {  // reads at most `budget` tokens
+                CHECK(quest->page_budget() * quest->page_size() <= budget);
+                CHECK(quest->config().dense_layers == 0);
+            }
         }
     }
+    const AnyPolicy q = make_policy(parse_policy_spec("quest:budget=256"));
+    REQUIRE(std::holds_alternative<kvsparse::QuestPageSelector>(q));
+    CHECK(std::get<kvsparse::QuestPageSelector>(q).config().page_size == 16);
+    CHECK(std::get<kvsparse::QuestPageSelector>(q).config().token_budget == 256);
+    CHECK(std::get<kvsparse::QuestPageSelector>(q).config().dense_layers == 2);
+    CHECK(std::get<kvsparse::QuestPageSelector>(q).config().gqa == kvsparse::GqaAggregation::max);
+    const auto q2 = std::get<kvsparse::QuestPageSelector>(
+        make_policy(parse_policy_spec("quest:page=64,budget=1000,dense_layers=0,gqa=per_query_head")));
+    CHECK(q2.page_budget() == 15);
+    CHECK(q2.per_query_head());
+    CHECK(std::get<kvsparse::QuestPageSelector>(make_policy(parse_policy_spec("quest:budget=8,gqa=sum"))).config().gqa ==
+          kvsparse::GqaAggregation::sum);
     CHECK_THAT(policy_help(),
-               Catch::Contains("window=integer (required)") && Catch::Contains("positions=absolute, in_cache"));
+               Catch::Contains("window=integer (required)") && Catch::Contains("positions=absolute, in_cache") &&
+                   Catch::Contains("gqa=max, sum, per_query_head"));
 }
 
 TEST_CASE("policy spec: unknown names and keys / missing keys and bad values are named", "[eval][spec]") {
@@ -304,6 +331,16 @@ TEST_CASE("policy spec: unknown names and keys / missing keys and bad values are
     CHECK_THAT(
         error_of("sink:sinks=2147483000,window=2147483000"),
         Catch::Contains("policy spec 'sink:sinks=2147483000,window=2147483000'") && Catch::Contains("overflows"));
+    CHECK_THAT(error_of("h2o:heavy=4"), Catch::Contains("missing required key 'recent'") && Catch::Contains("policy 'h2o'"));
+    CHECK_THAT(error_of("h2o:heavy=4,recent=0"), Catch::Contains("key 'recent' = '0'"));
+    CHECK_THAT(error_of("h2o:heavy=-1,recent=4"), Catch::Contains("key 'heavy' = '-1'"));
+    CHECK_THAT(error_of("h2o:heavy=2147483000,recent=2147483000"),
+               Catch::Contains("policy spec 'h2o:heavy=2147483000,recent=2147483000'") && Catch::Contains("overflows"));
+    CHECK_THAT(error_of("quest:page=16"), Catch::Contains("missing required key 'budget'") && Catch::Contains("policy 'quest'"));
+    CHECK_THAT(error_of("quest:page=12,budget=64"),
+               Catch::Contains("policy spec 'quest:page=12,budget=64'") && Catch::Contains("power of two"));
+    CHECK_THAT(error_of("quest:budget=64,gqa=mean"), Catch::Contains("key 'gqa' = 'mean'"));
+    CHECK_THAT(error_of("quest:budget=0"), Catch::Contains("key 'budget' = '0'"));
     CHECK_THROWS_AS(default_policy_specs(0, false), kvsparse::invalid_argument);
 }
 
@@ -612,7 +649,8 @@ TEST_CASE("replay: figures do not depend on the thread count / JSON carries them
     many.threads = 3;
     const auto a = run_specs(trace, specs, one);
     const auto b = run_specs(trace, specs, many);
-    REQUIRE(a.size() == 4);
+    REQUIRE(a.size() == specs.size());
+    REQUIRE(specs.size() >= 4);
     for (std::size_t i = 0; i < a.size(); ++i) {
         CHECK(a[i].recall_mean == b[i].recall_mean);
         CHECK(a[i].recall_min == b[i].recall_min);
@@ -627,6 +665,10 @@ TEST_CASE("replay: figures do not depend on the thread count / JSON carries them
     CHECK(a[3].peak_tokens == 16);
     // in_cache and absolute keep the same sets: same recall, different rotation so different outputs.
     CHECK(a[3].recall_mean == a[2].recall_mean);
+    for (std::size_t i = 0; i < specs.size(); ++i) {  // H2O holds its budget too, per (layer, KV head)
+        if (specs[i].rfind("h2o:", 0) == 0) CHECK(a[i].peak_tokens == 16);
+        if (specs[i].rfind("quest:", 0) == 0) CHECK(a[i].peak_tokens == 64);  // Quest keeps every token
+    }
 
     const nlohmann::ordered_json json = to_json(trace, a);
     CHECK(json["trace"]["layers"] == 3);
@@ -635,7 +677,7 @@ TEST_CASE("replay: figures do not depend on the thread count / JSON carries them
     CHECK(json["trace"]["kv_heads"] == 1);
     CHECK(json["trace"]["head_dim"] == 8);
     CHECK(json["trace"]["prefill"] == 20);
-    REQUIRE(json["policies"].size() == 4);
+    REQUIRE(json["policies"].size() == specs.size());
     for (std::size_t i = 0; i < a.size(); ++i) {
         const auto& p = json["policies"][i];
         CHECK(p["spec"] == specs[i]);
@@ -646,6 +688,51 @@ TEST_CASE("replay: figures do not depend on the thread count / JSON carries them
     }
     const std::string table = format_table(a);
     for (const std::string& s : specs) CHECK_THAT(table, Catch::Contains(s));
+}
+
+TEST_CASE("replay: on the needle queries Quest recalls more than a sliding window at 1/8 of the context",
+          "[eval][replay][quest]") {
+    // The synthetic trace marks the queries it aligned with an earlier needle key; kvsparse-eval reports
+    // their mean recall. At a budget of 1/8 of the context, a window only sees needles that happen to be
+    // recent, while Quest finds the needle's page through its key bounds.
+    const Trace trace = make_synthetic(parse_synthetic("tokens=1024,layers=1,q_heads=8,kv_heads=4,dim=64,prefill=256"));
+    std::int64_t marked = 0;
+    for (std::int32_t t = trace.prefill; t < trace.tokens; ++t)
+        for (std::int32_t h = 0; h < trace.shape.q_heads; ++h) marked += trace.needle_query(0, t, h) ? 1 : 0;
+    const double rate = static_cast<double>(marked) / (trace.decode_steps() * trace.shape.q_heads);
+    CHECK(rate > 0.09);  // about 1 query in 8 once needles exist
+    CHECK(rate < 0.14);
+
+    const std::int32_t budget = trace.tokens / 8;
+    const std::string b = std::to_string(budget);
+    const std::vector<std::string> specs{"window:window=" + b, "quest:page=16,budget=" + b + ",dense_layers=0",
+                                         "quest:page=16,budget=" + b + ",dense_layers=0,gqa=sum",
+                                         "quest:page=16,budget=" + b + ",dense_layers=0,gqa=per_query_head",
+                                         "dense"};
+    ReplayOptions options;
+    options.threads = 1;
+    const auto results = run_specs(trace, specs, options);
+    const double window = results[0].needle_recall_mean;
+    CAPTURE(window, results[1].needle_recall_mean, results[2].needle_recall_mean, results[3].needle_recall_mean);
+    for (std::size_t i = 1; i <= 3; ++i) {
+        CHECK(results[i].needle_recall_mean > window + 0.3);
+        CHECK(results[i].recall_mean > results[0].recall_mean);
+    }
+    CHECK(results[4].needle_recall_mean == Approx(1.0).margin(1e-9));
+    CHECK_THAT(format_table(results), Catch::Contains("needle recall"));
+    CHECK(to_json(trace, results)["policies"][1]["needle_recall_mean"].is_number());
+
+    // The marks travel with the trace (needles.npy); a trace without them reports no needle recall.
+    TempDir dir("needles");
+    save_trace(trace, dir.path);
+    const Trace loaded = load_trace(dir.path);
+    CHECK(loaded.needle_queries == trace.needle_queries);
+    fs::remove(dir.path / "needles.npy");
+    const Trace unmarked = load_trace(dir.path);
+    CHECK(unmarked.needle_queries.empty());
+    const auto none = run_specs(unmarked, {"window:window=" + b}, options);
+    CHECK(std::isnan(none[0].needle_recall_mean));
+    CHECK(to_json(unmarked, none)["policies"][0]["needle_recall_mean"].is_null());
 }
 
 TEST_CASE("parallel_for runs every task once and passes on the first error", "[eval][parallel]") {

@@ -25,6 +25,8 @@
 #include <kvsparse/error.hpp>
 #include <kvsparse/policies/attention_sink.hpp>
 #include <kvsparse/policies/dense.hpp>
+#include <kvsparse/policies/h2o.hpp>
+#include <kvsparse/policies/quest.hpp>
 
 namespace kvsparse::tools {
 
@@ -80,7 +82,7 @@ private:
 // ======== the policy table: every policy the tools know, in one place ========================================
 
 /// Every policy a spec can name.
-using AnyPolicy = std::variant<Dense, SlidingWindow, AttentionSink>;
+using AnyPolicy = std::variant<Dense, SlidingWindow, AttentionSink, H2OHeavyHitter, QuestPageSelector>;
 
 struct PolicyEntry {
     std::string_view name;
@@ -127,6 +129,45 @@ inline const std::vector<PolicyEntry>& policy_table() {
              std::vector<std::string> specs{base};
              if (rope) specs.push_back(base + ",positions=in_cache");
              return specs;
+         }},
+        {"h2o",
+         "H2O: the `heavy` tokens with the most accumulated attention and the last `recent`",
+         {{.name = "heavy", .help = "tokens kept for their accumulated attention"},
+          {.name = "recent", .min = 1, .help = "newest positions kept (the current one included)"}},
+         [](const SpecValues& v, const PolicyContext&) -> AnyPolicy {
+             return H2OHeavyHitter({.heavy = v.integer("heavy"), .recent = v.integer("recent")});
+         },
+         [](std::int32_t budget, bool) {
+             const std::int32_t heavy = budget / 2;
+             return std::vector<std::string>{"h2o:heavy=" + std::to_string(heavy) +
+                                             ",recent=" + std::to_string(budget - heavy)};
+         }},
+        {"quest",
+         "Quest: every position kept; each query reads the pages whose min/max key bounds score highest",
+         {{.name = "page", .fallback = "16", .min = 1, .max = 1 << 30, .help = "positions per page (a power of two)"},
+          {.name = "budget", .min = 1, .help = "tokens a query reads: max(1, budget / page) pages, the last one included"},
+          {.name = "dense_layers", .fallback = "2", .help = "layers [0, N) attend densely"},
+          {.name = "gqa",
+           .kind = ValueKind::word,
+           .fallback = "max",
+           .words = {"max", "sum", "per_query_head"},
+           .help = "query heads of a KV head: the max or sum of their page scores, or a selection each"}},
+         [](const SpecValues& v, const PolicyContext&) -> AnyPolicy {
+             const std::string& gqa = v.word("gqa");
+             return QuestPageSelector({.page_size = v.integer("page"),
+                                       .token_budget = v.integer("budget"),
+                                       .dense_layers = v.integer("dense_layers"),
+                                       .gqa = gqa == "sum"              ? GqaAggregation::sum
+                                              : gqa == "per_query_head" ? GqaAggregation::per_query_head
+                                                                        : GqaAggregation::max});
+         },
+         [](std::int32_t budget, bool) {
+             // Pages of 16, or the largest power of two within a smaller budget, so that a query reads at
+             // most `budget` tokens; no dense layers, so that every layer runs at the budget.
+             std::int32_t page = 16;
+             while (page > budget) page /= 2;
+             return std::vector<std::string>{"quest:page=" + std::to_string(page) + ",budget=" + std::to_string(budget) +
+                                             ",dense_layers=0"};
          }},
     };
     return table;

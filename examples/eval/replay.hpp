@@ -8,6 +8,7 @@
 // double precision and compares (REFERENCE.md, "Quality metrics"):
 //   recall of query head h  = sum over the selected positions j of p*(j)
 //   output error            = ||o - o*|| / ||o*||     (0 when both are 0)
+//   needle recall           = the mean recall of the queries the trace marks as aligned with a needle
 // Layers run in parallel on up to `threads` threads; the figures do not depend on the thread count
 // (selection times aside).
 
@@ -40,6 +41,9 @@ struct PolicyResult {
     std::string spec;
     double recall_mean = 0;         ///< over decode steps, layers and query heads
     double recall_min = 0;          ///< over the same
+    /// Mean recall over the decode queries the trace marks as aligned with a needle (Trace::needle_queries);
+    /// NaN when it marks none.
+    double needle_recall_mean = std::numeric_limits<double>::quiet_NaN();
     double output_error_mean = 0;   ///< over the same
     std::int64_t peak_tokens = 0;   ///< most tokens one (layer, KV head) stream held after any call
     std::int64_t peak_bytes = 0;    ///< most key/value bytes the sequence held (all layers) after any call
@@ -246,6 +250,8 @@ struct LayerFigures {
     double recall_sum = 0;
     double recall_min = std::numeric_limits<double>::infinity();
     double error_sum = 0;
+    double needle_recall_sum = 0;
+    std::int64_t needle_queries = 0;
     std::int64_t select_ns = 0;
     std::int64_t peak_tokens = 0;
     std::vector<std::int64_t> bytes;  ///< after the prefill (index 0) and after each decode step
@@ -367,6 +373,10 @@ inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vec
                 }
                 f.recall_sum += recall;
                 f.recall_min = std::min(f.recall_min, recall);
+                if (trace.needle_query(layer, t, h)) {
+                    f.needle_recall_sum += recall;
+                    ++f.needle_queries;
+                }
                 f.error_sum += output_error(out.data() + static_cast<std::size_t>(h) * D, reference.output(h), D);
             }
             if (!masks.empty()) write_row(mask_streams[i], row);
@@ -407,7 +417,8 @@ inline std::vector<PolicyResult> replay(const Trace& trace, const std::vector<st
     for (std::size_t i = 0; i < policies.size(); ++i) {
         PolicyResult r;
         r.spec = specs[i];
-        double recall = 0, error = 0;
+        double recall = 0, error = 0, needle_recall = 0;
+        std::int64_t needle_queries = 0;
         double min_recall = std::numeric_limits<double>::infinity();
         std::int64_t select_ns = 0;
         std::vector<std::int64_t> bytes(static_cast<std::size_t>(trace.decode_steps()) + 1, 0);
@@ -415,6 +426,8 @@ inline std::vector<PolicyResult> replay(const Trace& trace, const std::vector<st
             const detail::LayerFigures& f = layer[i];
             recall += f.recall_sum;
             error += f.error_sum;
+            needle_recall += f.needle_recall_sum;
+            needle_queries += f.needle_queries;
             min_recall = std::min(min_recall, f.recall_min);
             select_ns += f.select_ns;
             r.peak_tokens = std::max(r.peak_tokens, f.peak_tokens);
@@ -423,6 +436,7 @@ inline std::vector<PolicyResult> replay(const Trace& trace, const std::vector<st
         r.recall_mean = recall / queries;
         r.recall_min = min_recall;
         r.output_error_mean = error / queries;
+        if (needle_queries > 0) r.needle_recall_mean = needle_recall / static_cast<double>(needle_queries);
         r.select_ns_per_step = static_cast<double>(select_ns) / trace.decode_steps();
         r.peak_bytes = *std::max_element(bytes.begin(), bytes.end());
         results.push_back(std::move(r));

@@ -216,6 +216,7 @@ inline Trace make_synthetic(const SyntheticConfig& config) {
     trace.k.assign(static_cast<std::size_t>(L) * static_cast<std::size_t>(T) * static_cast<std::size_t>(Hkv) * Du,
                    0.0f);
     trace.v.assign(trace.k.size(), 0.0f);
+    trace.needle_queries.assign(static_cast<std::size_t>(L) * static_cast<std::size_t>(T) * static_cast<std::size_t>(Hq), 0);
 
     // Coordinate groups by RoPE pair (interleaved: pair i is coordinates 2i, 2i+1; it turns by theta^(-2i/D)).
     const std::int32_t pairs = D / 2;
@@ -313,6 +314,10 @@ inline Trace make_synthetic(const SyntheticConfig& config) {
                     if (needles_before > 0 && qrng.uniform() < S::align_rate) {
                         aligned = &contents[qrng.below(needles_before)];
                         strength = qrng.uniform(S::needle_min, S::needle_max);
+                        trace.needle_queries[(static_cast<std::size_t>(l) * static_cast<std::size_t>(T) +
+                                              static_cast<std::size_t>(t)) *
+                                                 static_cast<std::size_t>(Hq) +
+                                             static_cast<std::size_t>(h)] = 1;
                     }
                     for (std::size_t d = 0; d < Du; ++d) {
                         double x = a * u[d] + b * s[d] + S::query_noise * qrng.normal();

@@ -7,6 +7,8 @@
 //    "rope": {"style": "interleaved"|"half_split",        the RoPE the keys were rotated with; only
 //             "theta": x},                                in-cache positions use it (default interleaved, 10000)
 //    "alpha": [[...], ...]}                               LServe gate values [L][Hkv]
+// and optionally needles.npy, uint8 [L, T, Hq]: 1 where the query is aligned with an earlier "needle" key
+// (the synthetic trace writes it; recall is then also reported over those queries).
 // Keys are as an engine caches them: already rotated at their absolute positions. Other members of
 // meta.json are ignored.
 
@@ -37,12 +39,23 @@ struct Trace {
     std::int32_t prefill = 1;               ///< positions [0, prefill) are one prefill call
     std::optional<Rope> rope;               ///< the RoPE the trace declares, if any
     std::vector<std::vector<float>> alpha;  ///< [L][Hkv] LServe gate values, or empty
+    /// [L][T][Hq]: 1 where the query is aligned with an earlier needle key (synthetic traces), or empty.
+    std::vector<std::uint8_t> needle_queries;
     std::vector<float> q, k, v;             ///< [L][T][H][D]
 
     /// The RoPE in-cache positions use: the declared one, else interleaved with theta 10000.
     Rope effective_rope() const { return rope.value_or(Rope{}); }
 
     std::int32_t decode_steps() const { return tokens - prefill; }
+
+    /// Whether query head `h` of `layer` at position `t` is marked as aligned with a needle.
+    bool needle_query(std::int32_t layer, std::int32_t t, std::int32_t h) const {
+        if (needle_queries.empty()) return false;
+        const std::size_t i = (static_cast<std::size_t>(layer) * static_cast<std::size_t>(tokens) + static_cast<std::size_t>(t)) *
+                                  static_cast<std::size_t>(shape.q_heads) +
+                              static_cast<std::size_t>(h);
+        return needle_queries[i] != 0;
+    }
 
     /// Rows [t, t + n) of layer `layer`: [n][H][D].
     std::span<const float> queries(std::int32_t layer, std::int32_t t, std::int32_t n = 1) const {
@@ -91,6 +104,11 @@ struct Trace {
             }
         }
         if (rope && !(rope->theta > 0.0f)) fail("rope theta must be positive");
+        if (!needle_queries.empty() && needle_queries.size() != static_cast<std::size_t>(shape.layers) *
+                                                                  static_cast<std::size_t>(tokens) *
+                                                                  static_cast<std::size_t>(shape.q_heads)) {
+            fail("needles.npy holds " + std::to_string(needle_queries.size()) + " marks, expected L * T * Hq");
+        }
     }
 
 private:
@@ -222,6 +240,15 @@ inline Trace load_trace(const std::filesystem::path& dir) {
                              static_cast<std::int32_t>(ks[2]), static_cast<std::int32_t>(qs[3])};
     trace.tokens = static_cast<std::int32_t>(qs[1]);
     if (std::filesystem::exists(dir / "meta.json")) detail::read_meta(dir / "meta.json", trace);
+    if (std::filesystem::exists(dir / "needles.npy")) {
+        const npy::Array needles = npy::read(dir / "needles.npy");
+        const std::vector<std::int64_t> expected{qs[0], qs[1], qs[2]};
+        if (needles.dtype != npy::DType::uint8 || needles.shape != expected) {
+            throw format_error((dir / "needles.npy").string() + ": expected uint8 " + npy::shape_string(expected) +
+                               ", got " + std::string(npy::name_of(needles.dtype)) + " " + npy::shape_string(needles.shape));
+        }
+        trace.needle_queries = needles.to_uint8();
+    }
     trace.validate();
     return trace;
 }
@@ -239,6 +266,8 @@ inline void save_trace(const Trace& trace, const std::filesystem::path& dir) {
     meta["prefill"] = trace.prefill;
     if (trace.rope) meta["rope"] = {{"style", rope_style_name(trace.rope->style)}, {"theta", trace.rope->theta}};
     if (!trace.alpha.empty()) meta["alpha"] = trace.alpha;
+    if (!trace.needle_queries.empty())
+        npy::write(dir / "needles.npy", npy::Array::uint8({L, T, trace.shape.q_heads}, trace.needle_queries));
     std::ofstream out(dir / "meta.json");
     out << meta.dump(2) << "\n";
     if (!out) throw format_error((dir / "meta.json").string() + ": write failed");

@@ -27,7 +27,13 @@ namespace kvsparse {
 /// - `rotates_in_cache()`: whether keys are rotated at their rank in the attended set
 ///   (StreamingLLM's in-cache positions) rather than at their absolute position.
 /// - `per_query_head()`: whether each query head of a group selects on its own (else one set per KV head).
-/// policy_defaults (policies/policy_defaults.hpp) gives the usual answers for the last four.
+/// - `accumulates_attention()`: whether the stream keeps a score per slot (StreamState::scores): reset to 0
+///   when a token is placed, and after every attention (prefill and decode) increased by the probability
+///   each attending query head gave the token (H2O's accumulated attention).
+/// - `bounds_page_size(layer, kv_head)`: 0, or the page size (a power of two) of the per-page key bounds
+///   (StreamState::bounds) the stream must keep for select: the element-wise min/max of the stored keys
+///   of every page of slots, updated on every key write (Quest's metadata).
+/// policy_defaults (policies/policy_defaults.hpp) gives the usual answers for the last six.
 template <class P>
 concept kv_policy = std::copy_constructible<P> &&
     requires(const P& policy, const StreamState& stream, std::int32_t i, std::span<const float> queries,
@@ -39,6 +45,8 @@ concept kv_policy = std::copy_constructible<P> &&
         { policy.prefill_visible(i, i, i, i) } -> std::same_as<bool>;
         { policy.rotates_in_cache() } -> std::same_as<bool>;
         { policy.per_query_head() } -> std::same_as<bool>;
+        { policy.accumulates_attention() } -> std::same_as<bool>;
+        { policy.bounds_page_size(i, i) } -> std::same_as<std::int32_t>;
     };
 
 /// Arguments of one gathered attention: the query heads of one KV head over a set of slots.

@@ -6,6 +6,8 @@
 // Decode step at position t, per layer:   append(seq, layer, k, v);  attend(seq, layer, q, out);
 // Prompt of n tokens, per layer:          prefill(seq, layer, q, k, v, out);
 // Engines with their own kernels:         append(...);  select(seq, layer, q, selection);
+//                                         (H2O: add_scores(seq, layer, head, slots, probabilities) after)
+//                                         (Quest: select_pages(seq, layer, q, page_lists) for paged kernels)
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +24,7 @@
 #include "kvsparse/detail/page_pool.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/error.hpp"
+#include "kvsparse/key_bounds.hpp"
 #include "kvsparse/rope.hpp"
 #include "kvsparse/shape.hpp"
 #include "kvsparse/stream.hpp"
@@ -49,6 +52,7 @@ struct MemoryStats {
     std::int64_t bytes = 0;                 ///< keys and values
     std::int64_t tokens = 0;                ///< held tokens, summed over (layer, KV head) streams
     std::int32_t max_stream_tokens = 0;     ///< most tokens any one stream holds
+    std::int64_t bounds_bytes = 0;          ///< per-page key bounds (Quest's metadata), not in `bytes`
 };
 
 /// The sets decode queries attend to, in ascending position order (CSR). One row per KV head, or, for a
@@ -154,8 +158,11 @@ public:
         for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
             Stream& s = stream_at(sequence, layer, h);
             scratch_slots_.clear();
+            const std::int32_t bounds_page = policy_.bounds_page_size(layer, h);
+            dirty_pages_.clear();
             for (std::int32_t i = 0; i < n; ++i) {
                 const std::int32_t slot = policy_.place(state(s, layer, h));
+                if (bounds_page > 0) bounds_before_place(s, bounds_page, slot);
                 occupy(s, slot, first + i);
                 scratch_slots_.push_back(slot);
             }
@@ -166,7 +173,9 @@ public:
                 const std::size_t offset = static_cast<std::size_t>(i) * row + static_cast<std::size_t>(h * config_.shape.head_dim);
                 backend_.write(view(s, h), std::span<const std::int32_t>(&scratch_slots_[static_cast<std::size_t>(i)], 1),
                                stored_keys.subspan(offset), values.subspan(offset), 0, stream);
+                if (bounds_page > 0) bounds_after_write(s, bounds_page, slot, stored_keys.data() + offset);
             }
+            if (bounds_page > 0) rebuild_bounds(s, h, bounds_page, dirty_pages_);
         }
         sequence.lengths[static_cast<std::size_t>(layer)] += n;
     }
@@ -214,6 +223,36 @@ public:
             }
             selection.indptr.push_back(static_cast<std::int32_t>(selection.slots.size()));
         });
+    }
+
+    /// Page lists (FlashInfer's indptr / indices / last_page_len) for engines with their own paged
+    /// kernels, from policies that select whole pages (QuestPageSelector): the rows of every KV head of
+    /// `layer` in order (of every query head with per_query_head), written into caller buffers sized by
+    /// policy().page_list_sizes(layer, kv_heads, group, length). Indices are page numbers of each stream in
+    /// units of the policy's page size, ascending; where that equals CacheConfig::page_size,
+    /// stream_view(seq, layer, h).table.pages[index] is the pool page.
+    void select_pages(SequenceId id, std::int32_t layer, std::span<const float> queries, const PageLists& out,
+                      stream_type stream = {})
+        requires requires(const Policy& p, const StreamState& s, std::span<const float> q, const PageLists& o) {
+            { p.write_page_lists(s, q, 1, o, 0) } -> std::same_as<std::int32_t>;
+        }
+    {
+        Sequence& sequence = at(id);
+        check_layer(layer);
+        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
+        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
+        detail::require(!out.indptr.empty(), "out.indptr.size()", 0, "must be rows + 1 (see page_list_sizes)");
+        const std::int32_t t = std::max(sequence.lengths[static_cast<std::size_t>(layer)] - 1, 0);
+        const std::span<const float> q = rotated_queries(queries, t, 1, stream);
+        const std::int32_t group = config_.shape.group_size();
+        const std::size_t group_size = static_cast<std::size_t>(group * config_.shape.head_dim);
+        out.indptr[0] = 0;
+        std::int32_t row = 0;
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            const StreamState state_h = bounds_state(stream_at(sequence, layer, h), layer, h);
+            row += policy_.write_page_lists(state_h, q.subspan(static_cast<std::size_t>(h) * group_size, group_size), group,
+                                            out, row);
+        }
     }
 
     // ---- prefill ---------------------------------------------------------------------------------------
@@ -268,7 +307,12 @@ public:
             }
         }
         sequence.lengths[static_cast<std::size_t>(layer)] += n;
-        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) evict_after_prefill(sequence, layer, h, stream);
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            const std::int32_t bounds_page = policy_.bounds_page_size(layer, h);
+            if (bounds_page > 0) bounds_positions_.assign(stream_at(sequence, layer, h).positions.begin(), stream_at(sequence, layer, h).positions.end());
+            evict_after_prefill(sequence, layer, h, stream);
+            if (bounds_page > 0) bounds_after_prefill(stream_at(sequence, layer, h), h, bounds_page, n);
+        }
     }
 
     // ---- views and memory ------------------------------------------------------------------------------
@@ -277,7 +321,7 @@ public:
     StreamState stream_state(SequenceId id, std::int32_t layer, std::int32_t kv_head) {
         check_head(kv_head);
         check_layer(layer);
-        return state(stream_at(at(id), layer, kv_head), layer, kv_head);
+        return bounds_state(stream_at(at(id), layer, kv_head), layer, kv_head);
     }
 
     /// Where one stream's keys and values live: slots from `select` address into it.
@@ -299,6 +343,36 @@ public:
                             "slot", slot, "is not a held slot of this stream");
         }
         backend_.shift_keys(v, slots, delta, *config_.rope, stream);
+        const std::int32_t bounds_page = policy_.bounds_page_size(layer, kv_head);
+        if (bounds_page > 0) {  // the turned keys' pages get new bounds
+            dirty_pages_.clear();
+            for (const std::int32_t slot : slots) {
+                if (std::find(dirty_pages_.begin(), dirty_pages_.end(), slot / bounds_page) == dirty_pages_.end())
+                    dirty_pages_.push_back(slot / bounds_page);
+            }
+            rebuild_bounds(stream_at(at(id), layer, kv_head), kv_head, bounds_page, dirty_pages_);
+        }
+    }
+
+    /// For engines that run attention themselves on the sets from `select`, with a policy that
+    /// accumulates attention: adds `probabilities[i]` (the query heads of the group summed, as
+    /// AttendArgs::probabilities returns them) to the score of the token in `slots[i]`. KVCache's own
+    /// attend and prefill do this already.
+    void add_scores(SequenceId id, std::int32_t layer, std::int32_t kv_head, std::span<const std::int32_t> slots,
+                    std::span<const float> probabilities) {
+        check_head(kv_head);
+        check_layer(layer);
+        detail::require(policy_.accumulates_attention(), "accumulates_attention", "false",
+                        "add_scores needs a policy that accumulates attention");
+        detail::require(probabilities.size() == slots.size(), "probabilities.size()", probabilities.size(),
+                        "must equal slots.size()");
+        Stream& s = stream_at(at(id), layer, kv_head);
+        for (const std::int32_t slot : slots) {
+            detail::require(slot >= 0 && static_cast<std::size_t>(slot) < s.positions.size() &&
+                                s.positions[static_cast<std::size_t>(slot)] != free_slot,
+                            "slot", slot, "is not a held slot of this stream");
+        }
+        for (std::size_t i = 0; i < slots.size(); ++i) s.scores[static_cast<std::size_t>(slots[i])] += probabilities[i];
     }
 
     MemoryStats memory(SequenceId id) const {
@@ -307,6 +381,7 @@ public:
             stats.pages += static_cast<std::int64_t>(s.pages.size());
             stats.tokens += s.held;
             stats.max_stream_tokens = std::max(stats.max_stream_tokens, s.held);
+            stats.bounds_bytes += static_cast<std::int64_t>(s.bounds.size() * sizeof(T));
         }
         stats.bytes = stats.pages * pool_.page_bytes();
         return stats;
@@ -319,6 +394,8 @@ private:
     struct Stream {
         std::vector<std::int32_t> pages;
         std::vector<std::int32_t> positions;  // per slot; its size is the slot high-water mark
+        std::vector<float> scores;            // per slot when the policy accumulates attention, else empty
+        std::vector<T> bounds;                // per bounds page [kmin][kmax] when the policy keeps them, else empty
         std::int32_t held = 0;
         std::int32_t next_position = 0;
     };
@@ -337,8 +414,27 @@ private:
         }
         detail::require(!policy.rotates_in_cache() || config.rope.has_value(), "rope", "none",
                         "in-cache positions need CacheConfig::rope to re-rotate keys");
+        for (std::int32_t layer = 0; layer < config.shape.layers; ++layer) {
+            for (std::int32_t h = 0; h < config.shape.kv_heads; ++h) {
+                const std::int32_t bounds_page = policy.bounds_page_size(layer, h);
+                if (bounds_page == 0) continue;
+                detail::require(is_power_of_two(bounds_page), "policy.bounds_page_size", bounds_page,
+                                "must be 0 or a power of two");
+                detail::require(backend_keeps_bounds, "policy.bounds_page_size", bounds_page,
+                                "this backend has no key-bounds primitives (update_key_bounds)");
+                detail::require(!policy.rotates_in_cache(), "policy.bounds_page_size", bounds_page,
+                                "key bounds need keys at their absolute rotation, not in-cache positions");
+            }
+        }
         return config;
     }
+
+    /// Whether the backend can maintain per-page key bounds in host memory (CpuBackend can; the CUDA
+    /// backend cannot yet).
+    static constexpr bool backend_keeps_bounds = requires(const KeyBounds<T>& b, const float* k, const T* stored) {
+        Backend::update_key_bounds(b, 0, k, true);
+        Backend::update_key_bounds(b, 0, stored, true);
+    };
 
     Sequence& at(SequenceId id) {
         detail::require(contains(id), "sequence", id, "is not a sequence of this cache");
@@ -367,7 +463,7 @@ private:
     }
 
     static StreamState state(const Stream& s, std::int32_t layer, std::int32_t h) {
-        return StreamState{s.positions, s.held, s.next_position, layer, h};
+        return StreamState{s.positions, s.held, s.next_position, layer, h, s.scores};
     }
 
     StreamView<T> view(Stream& s, std::int32_t) {
@@ -404,6 +500,10 @@ private:
         if (current == free_slot) ++s.held;
         current = position;
         s.next_position = position + 1;
+        if (policy_.accumulates_attention()) {  // a placed token starts with no attention drawn
+            s.scores.resize(s.positions.size(), 0.0f);
+            s.scores[static_cast<std::size_t>(slot)] = 0.0f;
+        }
     }
 
     /// Stored keys are always rotated at their absolute positions (when there is a RoPE at all); in-cache
@@ -445,7 +545,7 @@ private:
             scratch_slots_.resize(std::max<std::size_t>(scratch_slots_.size(), static_cast<std::size_t>(s.held)));
             for (std::int32_t first = h * group; first < (h + 1) * group; first += rows) {
                 const auto q = queries.subspan(static_cast<std::size_t>(first) * dim, static_cast<std::size_t>(rows) * dim);
-                const std::int32_t count = policy_.select(state(s, layer, h), q, scratch_slots_);
+                const std::int32_t count = policy_.select(bounds_state(s, layer, h), q, scratch_slots_);
                 visit(s, h, first, std::span<const std::int32_t>(scratch_slots_.data(), static_cast<std::size_t>(count)), q);
             }
         }
@@ -474,6 +574,10 @@ private:
         }
         const std::size_t bytes = Backend::workspace_bytes(group, static_cast<std::int32_t>(slots.size()), dim);
         if (workspace_.size() < bytes) workspace_.resize(bytes);
+        // Accumulating policies: the attention adds the group's probability of each attended token (one
+        // float per slot of the set, no attention matrix), which then goes to that token's score.
+        const bool accumulate = policy_.accumulates_attention();
+        if (accumulate) probabilities_.assign(slots.size(), 0.0f);
         AttendArgs<T> args{view(s, h),
                            slots,
                            q,
@@ -482,8 +586,107 @@ private:
                            key_rotation,
                            config_.rope.value_or(Rope{}),
                            out,
-                           {}};
+                           accumulate ? std::span<float>(probabilities_) : std::span<float>{}};
         backend_.attend(args, std::span<std::byte>(workspace_.data(), workspace_.size()), stream);
+        if (accumulate) {
+            for (std::size_t j = 0; j < slots.size(); ++j) s.scores[static_cast<std::size_t>(slots[j])] += probabilities_[j];
+        }
+    }
+
+    // ---- per-page key bounds (policies with bounds_page_size > 0) -----------------------------------------
+    // Page p of a stream's bounds covers slots [p * bounds_page, (p + 1) * bounds_page). A key written into
+    // a page that already holds tokens is folded in; a page that gets its first token, or loses a token
+    // to an eviction, is rebuilt from the keys it stores once the call's keys are written, so bounds are
+    // never merged into stale memory and always cover exactly the page's held keys.
+
+    KeyBounds<T> bounds_of(Stream& s, std::int32_t bounds_page) {
+        const std::int32_t dim = config_.shape.head_dim;
+        return KeyBounds<T>::packed(s.bounds.data(), static_cast<std::int32_t>(s.bounds.size() / (2 * static_cast<std::size_t>(dim))),
+                                    bounds_page, dim);
+    }
+
+    /// Grows the bounds to cover every slot of the stream.
+    void grow_bounds(Stream& s, std::int32_t bounds_page) {
+        const std::int64_t pages = (static_cast<std::int64_t>(s.positions.size()) + bounds_page - 1) / bounds_page;
+        const std::size_t elements = KeyBounds<T>::elements(static_cast<std::int32_t>(pages), config_.shape.head_dim);
+        if (s.bounds.size() < elements) s.bounds.resize(elements);
+    }
+
+    /// The state `select` sees: with the bounds and the cache's selection scratch when the policy keeps them.
+    StreamState bounds_state(Stream& s, std::int32_t layer, std::int32_t h) {
+        StreamState result = state(s, layer, h);
+        const std::int32_t bounds_page = policy_.bounds_page_size(layer, h);
+        if (bounds_page == 0) return result;
+        grow_bounds(s, bounds_page);
+        const auto pages = static_cast<std::int32_t>((static_cast<std::int64_t>(s.positions.size()) + bounds_page - 1) / bounds_page);
+        const std::size_t scores = static_cast<std::size_t>(pages) * static_cast<std::size_t>(config_.shape.group_size());
+        if (bounds_scores_.size() < scores) bounds_scores_.resize(scores);
+        if (bounds_order_.size() < static_cast<std::size_t>(pages)) bounds_order_.resize(static_cast<std::size_t>(pages));
+        result.bounds = KeyBoundsView::of(bounds_of(s, bounds_page), pages, bounds_scores_, bounds_order_);
+        return result;
+    }
+
+    /// Before `slot` is occupied: note its page for a rebuild if it is empty or the slot's token is evicted.
+    void bounds_before_place(const Stream& s, std::int32_t bounds_page, std::int32_t slot) {
+        const std::int32_t page = slot / bounds_page;
+        const std::size_t size = s.positions.size();
+        bool rebuild = static_cast<std::size_t>(slot) < size && s.positions[static_cast<std::size_t>(slot)] != free_slot;
+        if (!rebuild) {
+            rebuild = true;
+            const std::size_t end = std::min(size, static_cast<std::size_t>(page + 1) * static_cast<std::size_t>(bounds_page));
+            for (std::size_t j = static_cast<std::size_t>(page) * static_cast<std::size_t>(bounds_page); j < end; ++j) {
+                if (s.positions[j] != free_slot) {
+                    rebuild = false;
+                    break;
+                }
+            }
+        }
+        if (rebuild && std::find(dirty_pages_.begin(), dirty_pages_.end(), page) == dirty_pages_.end())
+            dirty_pages_.push_back(page);
+    }
+
+    /// After the key of `slot` is written: fold it into its page, unless that page is to be rebuilt.
+    void bounds_after_write(Stream& s, std::int32_t bounds_page, std::int32_t slot, const float* key) {
+        const std::int32_t page = slot / bounds_page;
+        if (std::find(dirty_pages_.begin(), dirty_pages_.end(), page) != dirty_pages_.end()) return;
+        grow_bounds(s, bounds_page);
+        if constexpr (backend_keeps_bounds) backend_.update_key_bounds(bounds_of(s, bounds_page), page, key, false);
+    }
+
+    /// Rebuilds `pages` from the keys their held slots store (a page with none is left as is: its next
+    /// key rebuilds it again).
+    void rebuild_bounds(Stream& s, std::int32_t h, std::int32_t bounds_page, std::span<const std::int32_t> pages) {
+        if constexpr (backend_keeps_bounds) {
+            grow_bounds(s, bounds_page);
+            const KeyBounds<T> bounds = bounds_of(s, bounds_page);
+            const StreamView<T> v = view(s, h);
+            for (const std::int32_t page : pages) {
+                const std::size_t end = std::min(s.positions.size(), static_cast<std::size_t>(page + 1) * static_cast<std::size_t>(bounds_page));
+                bool first = true;
+                for (std::size_t j = static_cast<std::size_t>(page) * static_cast<std::size_t>(bounds_page); j < end; ++j) {
+                    if (s.positions[j] == free_slot) continue;
+                    backend_.update_key_bounds(bounds, page, static_cast<const T*>(v.key(static_cast<std::int32_t>(j))), first);
+                    first = false;
+                }
+            }
+        }
+    }
+
+    /// After a prefill's eviction: rebuilds every page from the first slot whose token changed (the
+    /// chunk's first slot at the latest). `bounds_positions_` holds the slots before the eviction.
+    void bounds_after_prefill(Stream& s, std::int32_t h, std::int32_t bounds_page, std::int32_t chunk) {
+        const std::size_t before = bounds_positions_.size();
+        std::size_t changed = before - static_cast<std::size_t>(chunk);
+        for (std::size_t j = 0; j < std::min(changed, s.positions.size()); ++j) {
+            if (bounds_positions_[j] != s.positions[j]) {
+                changed = j;
+                break;
+            }
+        }
+        const auto pages = static_cast<std::int32_t>((static_cast<std::int64_t>(s.positions.size()) + bounds_page - 1) / bounds_page);
+        dirty_pages_.clear();
+        for (auto p = static_cast<std::int32_t>(changed / static_cast<std::size_t>(bounds_page)); p < pages; ++p) dirty_pages_.push_back(p);
+        rebuild_bounds(s, h, bounds_page, dirty_pages_);
     }
 
     /// Held slots sorted by position.
@@ -515,6 +718,9 @@ private:
                                             placed.positions[static_cast<std::size_t>(target)] == free_slot),
                             "policy.place", target, "re-placing retained tokens must not collide");
             occupy(placed, target, position);
+            if (policy_.accumulates_attention()) {  // a survivor keeps the attention it has drawn
+                placed.scores[static_cast<std::size_t>(target)] = s.scores[static_cast<std::size_t>(slot)];
+            }
             if (target != slot) {
                 scratch_slots_.push_back(slot);
                 visible_.push_back(target);
@@ -525,6 +731,7 @@ private:
         if (!scratch_slots_.empty()) backend_.copy_slots(view(s, h), scratch_slots_, visible_, stream);
         placed.next_position = s.next_position;
         placed.pages = std::move(s.pages);
+        placed.bounds = std::move(s.bounds);  // the caller rebuilds the pages whose slots changed
         const std::size_t keep_pages = static_cast<std::size_t>(pool_.pages_for(static_cast<std::int64_t>(placed.positions.size())));
         pool_.release(std::span<const std::int32_t>(placed.pages).subspan(keep_pages));
         placed.pages.resize(keep_pages);
@@ -539,8 +746,10 @@ private:
 
     // Scratch reused across calls, so steady-state decode does not allocate.
     std::vector<std::int32_t> scratch_slots_, prefill_order_, visible_, positions_, key_rotation_;
-    std::vector<float> rotated_, rotated_queries_, query_;
+    std::vector<float> rotated_, rotated_queries_, query_, probabilities_;
     std::vector<std::byte> workspace_;
+    std::vector<std::int32_t> dirty_pages_, bounds_positions_, bounds_order_;  // key bounds
+    std::vector<float> bounds_scores_;
 };
 
 }  // namespace kvsparse

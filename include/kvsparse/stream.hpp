@@ -5,6 +5,8 @@
 #include <limits>
 #include <span>
 
+#include "kvsparse/key_bounds.hpp"
+
 namespace kvsparse {
 
 /// Marks a free slot in StreamState::positions.
@@ -22,6 +24,13 @@ struct StreamState {
     std::int32_t next_position = 0;  ///< position the next appended token will get
     std::int32_t layer = 0;
     std::int32_t kv_head = 0;
+    /// Per slot, the attention the token has drawn since it was placed (summed over the group's query
+    /// heads and every attention call); indexed like `positions`. Empty unless the policy
+    /// `accumulates_attention()`. A free slot's entry is meaningless.
+    std::span<const float> scores = {};
+    /// Per-page key bounds (element-wise min/max of the stored keys of every `bounds.page_size` slots),
+    /// with scratch for the selection; empty unless the policy's `bounds_page_size(layer, kv_head)` > 0.
+    KeyBoundsView bounds = {};
 };
 
 }  // namespace kvsparse

@@ -8,11 +8,18 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <numeric>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "kvsparse/concepts.hpp"
+#include "kvsparse/detail/cpu_attention.hpp"
+#include "kvsparse/detail/cpu_page_select.hpp"
+#include "kvsparse/detail/thread_pool.hpp"
 #include "kvsparse/dtype.hpp"
+#include "kvsparse/key_bounds.hpp"
 #include "kvsparse/rope.hpp"
 #include "kvsparse/views.hpp"
 
@@ -21,6 +28,31 @@ namespace kvsparse {
 class CpuBackend {
 public:
     struct stream_type {};
+
+    /// `threads`: threads KVCache spreads its per-KV-head work over (the calling thread included);
+    /// 0 takes the hardware's, 1 keeps everything on the calling thread. Results do not depend on it.
+    struct Options {
+        int threads = 0;
+    };
+
+    CpuBackend() = default;
+    explicit CpuBackend(Options options) : threads_(options.threads) {}
+
+    /// Threads parallel_for uses.
+    int threads() const { return threads_ > 0 ? threads_ : detail::ThreadPool::default_threads(); }
+
+    /// Runs task(i) for every i in [0, n) on the backend's threads: a pool started by the first call that
+    /// needs it and kept from then on (copies of the backend share it), so a decode step starts no thread
+    /// and allocates nothing. The tasks must be independent; the first exception one throws is rethrown.
+    template <class Task>
+    void parallel_for(std::int64_t n, Task&& task) {
+        if (n > 1 && threads() > 1) {
+            if (!pool_) pool_ = std::make_shared<detail::ThreadPool>(threads());
+            pool_->parallel_for(n, task);
+        } else {
+            for (std::int64_t i = 0; i < n; ++i) task(i);
+        }
+    }
 
     /// Scratch `attend` needs for `group` query heads over `slots` keys of dimension `head_dim`.
     /// (Scores, one widened key, and the cos/sin of one key rotation.)
@@ -84,75 +116,44 @@ public:
     /// Softmax attention of `group` query heads over the keys in `slots`; see AttendArgs.
     template <storage_type T>
     void attend(const AttendArgs<T>& a, std::span<std::byte> workspace, stream_type = {}) const {
-        const std::size_t n = a.slots.size();
-        const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
-        const std::size_t group = static_cast<std::size_t>(a.group);
-        float* scores = reinterpret_cast<float*>(workspace.data());  // [group][n]
-        float* key = scores + group * n;                             // one widened key
-        float* cosines = key + dim;                                  // turns of the last key rotation
-        float* sines = cosines + dim / 2;
-        std::fill(a.out.begin(), a.out.end(), 0.0f);
-        if (n == 0) return;
-
-        // Pass 1: scores. Each key is widened (and rotated) once and shared by the whole group.
-        // Rotations come in runs of equal deltas (in-cache positions: one for the sinks, one for the
-        // window), so the turns are computed once per run; the result equals rope_rotate bit for bit.
-        const std::int32_t pairs = static_cast<std::int32_t>(dim / 2);
-        bool have_turns = false;
-        std::int32_t turned_by = 0;
-        for (std::size_t j = 0; j < n; ++j) {
-            const T* k = a.stream.key(a.slots[j]);
-            for (std::size_t d = 0; d < dim; ++d) key[d] = to_float(k[d]);
-            if (!a.key_rotation.empty()) {
-                const std::int32_t delta = a.key_rotation[j];
-                if (!have_turns || delta != turned_by) {
-                    for (std::int32_t p = 0; p < pairs; ++p) {
-                        const RopeTurn turn = rope_turn(p, static_cast<std::int32_t>(dim), delta, a.rope.theta);
-                        cosines[p] = turn.c;
-                        sines[p] = turn.s;
-                    }
-                    have_turns = true;
-                    turned_by = delta;
-                }
-                for (std::int32_t p = 0; p < pairs; ++p) {
-                    float& xa = key[rope_first(a.rope.style, p)];
-                    float& xb = key[rope_second(a.rope.style, p, static_cast<std::int32_t>(dim))];
-                    rope_apply(xa, xb, RopeTurn{cosines[p], sines[p]});
-                }
-            }
-            for (std::size_t g = 0; g < group; ++g) {
-                const float* q = a.queries.data() + g * dim;
-                float dot = 0.0f;
-                for (std::size_t d = 0; d < dim; ++d) dot += q[d] * key[d];
-                scores[g * n + j] = dot * a.scale;
-            }
-        }
-        // Softmax per query head.
-        for (std::size_t g = 0; g < group; ++g) {
-            float* s = scores + g * n;
-            const float top = *std::max_element(s, s + n);
-            float sum = 0.0f;
-            for (std::size_t j = 0; j < n; ++j) {
-                s[j] = std::exp(s[j] - top);
-                sum += s[j];
-            }
-            const float inverse = 1.0f / sum;
-            for (std::size_t j = 0; j < n; ++j) s[j] *= inverse;
-        }
-        // Pass 2: weighted values, and the group's summed probabilities on request.
-        for (std::size_t j = 0; j < n; ++j) {
-            const T* v = a.stream.value(a.slots[j]);
-            for (std::size_t d = 0; d < dim; ++d) key[d] = to_float(v[d]);
-            float mass = 0.0f;
-            for (std::size_t g = 0; g < group; ++g) {
-                const float p = scores[g * n + j];
-                float* o = a.out.data() + g * dim;
-                for (std::size_t d = 0; d < dim; ++d) o[d] += p * key[d];
-                mass += p;
-            }
-            if (!a.probabilities.empty()) a.probabilities[j] += mass;
-        }
+        // Vectorized kernels (AVX2/FMA/F16C when the CPU has them, else portable loops): see
+        // detail/cpu_attention.hpp.
+        detail::cpu::attend(a, workspace);
     }
+
+    // ---- per-page key bounds and page selection (detail/cpu_page_select.hpp) -------------------------
+
+    /// Folds one key into page `page` of `bounds`. The key (float32 or a storage type) is narrowed to T
+    /// exactly as `write` stores it, so the bounds are the exact element-wise min/max of the stored keys
+    /// and need no rounding of their own. `first`: the page's first key initializes its bounds, whatever
+    /// the memory held before (an older page's bounds are never merged into).
+    template <storage_type T, storage_type K>
+    static void update_key_bounds(const KeyBounds<T>& bounds, std::int32_t page, const K* key, bool first) {
+        detail::pages::update_key_bounds(bounds, page, key, first);
+    }
+
+    /// Upper-bound scores of pages [0, pages) for `rows` query rows [rows][head_dim] (REFERENCE.md,
+    /// QuestPageSelector): U_r(i) = sum_d max(q_rd * kmax_d, q_rd * kmin_d), no 1/sqrt(D). Each page's
+    /// bounds are read from memory once for all rows. max / sum: scores[i] is the maximum / sum over the
+    /// rows; per_query_head: scores[r * pages + i].
+    template <class T>
+    static void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries,
+                            std::int32_t rows, GqaAggregation mode, std::span<float> scores) {
+        detail::pages::page_scores(bounds, pages, queries, rows, mode, scores);
+    }
+
+    /// Top-k with the tie rule: the `k` best of the `n` scores (higher first; equal scores: the lower
+    /// index wins; NaN counts as -inf), in ascending index order in order[0, k); returns min(k, n).
+    /// `order` has room for n. A partial selection (nth_element, linear on average) and a sort of the k
+    /// chosen only: O(n + k log k).
+    static std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k,
+                                  std::span<std::int32_t> order) {
+        return detail::pages::top_pages(scores, n, k, order);
+    }
+
+private:
+    int threads_ = 0;
+    std::shared_ptr<detail::ThreadPool> pool_;
 };
 
 static_assert(kv_backend<CpuBackend>);

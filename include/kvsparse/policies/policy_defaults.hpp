@@ -18,6 +18,10 @@ struct policy_defaults {
     bool rotates_in_cache() const { return false; }
     /// All query heads of a KV head attend to one set.
     bool per_query_head() const { return false; }
+    /// No per-slot attention scores are kept (StreamState::scores stays empty).
+    bool accumulates_attention() const { return false; }
+    /// No per-page key bounds are kept (StreamState::bounds stays empty).
+    std::int32_t bounds_page_size(std::int32_t /*layer*/, std::int32_t /*kv_head*/) const { return 0; }
 };
 
 }  // namespace kvsparse

@@ -1,0 +1,298 @@
+// CpuBackend's attention kernel and thread pool: the vectorized path and the portable one against a double
+// reference over shapes the model tests do not reach (large groups, head dimensions that are not a multiple
+// of 8 or 16, shuffled slots, pages of any size), exact float16 widening, the vectorized exponential, and
+// outputs that do not depend on the number of threads.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "catch.hpp"
+
+#include <kvsparse/detail/cpu_attention.hpp>
+#include <kvsparse/detail/cpu_page_scores_simd.hpp>
+#include <kvsparse/detail/cpu_page_select.hpp>
+#include <kvsparse/detail/thread_pool.hpp>
+#include <kvsparse/kvsparse.hpp>
+#include <kvsparse/policies/quest.hpp>
+
+namespace {
+
+using kvsparse::AttendArgs;
+using kvsparse::bfloat16;
+using kvsparse::CpuBackend;
+using kvsparse::half;
+
+constexpr double tolerance = 1e-5;  // float32 attention against double, outputs of magnitude <= 1
+
+/// K/V of one stream in a packed pool of `page_size`-token pages, slots scattered over shuffled pages.
+template <class T>
+struct Pool {
+    int dim, page_size, pages;
+    std::vector<T> keys, values;
+    std::vector<std::int32_t> table;
+
+    Pool(int dim_, int page_size_, int tokens, std::mt19937& rng)
+        : dim(dim_), page_size(page_size_), pages((tokens + page_size_ - 1) / page_size_ + 1) {
+        std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+        keys.resize(static_cast<std::size_t>(pages) * static_cast<std::size_t>(page_size) * static_cast<std::size_t>(dim));
+        values.resize(keys.size());
+        for (T& x : keys) x = kvsparse::from_float<T>(u(rng));
+        for (T& x : values) x = kvsparse::from_float<T>(u(rng));
+        table.resize(static_cast<std::size_t>(pages));
+        std::iota(table.begin(), table.end(), 0);
+        std::shuffle(table.begin(), table.end(), rng);
+    }
+    kvsparse::StreamView<T> view() {
+        using View = kvsparse::PagePoolView<T>;
+        return {View::packed(keys.data(), kvsparse::Layout::NHD, pages, page_size, 1, dim),
+                View::packed(values.data(), kvsparse::Layout::NHD, pages, page_size, 1, dim),
+                kvsparse::PageTableView{table.data(), pages}, 0};
+    }
+};
+
+/// Double attention of every query head over the slots; the keys turned by `rotation` (float, as the
+/// backend turns them) when given. Also the summed probability of each slot over the group.
+template <class T>
+void reference(const kvsparse::StreamView<T>& view, const std::vector<std::int32_t>& slots, const std::vector<float>& q,
+               int group, const std::vector<std::int32_t>& rotation, kvsparse::Rope rope, std::vector<double>& out,
+               std::vector<double>& mass) {
+    const int dim = view.keys.head_dim;
+    const std::size_t n = slots.size();
+    out.assign(static_cast<std::size_t>(group * dim), 0.0);
+    mass.assign(n, 0.0);
+    std::vector<std::vector<double>> k(n), v(n);
+    for (std::size_t j = 0; j < n; ++j) {
+        std::vector<float> key(static_cast<std::size_t>(dim));
+        for (int d = 0; d < dim; ++d) key[static_cast<std::size_t>(d)] = kvsparse::to_float(view.key(slots[j])[d]);
+        if (!rotation.empty()) kvsparse::rope_rotate(key.data(), dim, rotation[j], rope);
+        for (int d = 0; d < dim; ++d) {
+            k[j].push_back(key[static_cast<std::size_t>(d)]);
+            v[j].push_back(kvsparse::to_float(view.value(slots[j])[d]));
+        }
+    }
+    for (int g = 0; g < group; ++g) {
+        std::vector<double> s(n);
+        double top = -INFINITY;
+        for (std::size_t j = 0; j < n; ++j) {
+            double dot = 0;
+            for (int d = 0; d < dim; ++d) dot += static_cast<double>(q[static_cast<std::size_t>(g * dim + d)]) * k[j][static_cast<std::size_t>(d)];
+            s[j] = dot / std::sqrt(static_cast<double>(dim));
+            top = std::max(top, s[j]);
+        }
+        double sum = 0;
+        for (double& x : s) sum += (x = std::exp(x - top));
+        for (std::size_t j = 0; j < n; ++j) {
+            mass[j] += s[j] / sum;
+            for (int d = 0; d < dim; ++d) out[static_cast<std::size_t>(g * dim + d)] += s[j] / sum * v[j][static_cast<std::size_t>(d)];
+        }
+    }
+}
+
+struct Case {
+    int dim, group, n, page_size;
+    bool rotate;
+};
+
+template <class T>
+void check_case(const Case& c, std::uint32_t seed) {
+    CAPTURE(c.dim, c.group, c.n, c.page_size, c.rotate, seed);
+    std::mt19937 rng(seed);
+    Pool<T> pool(c.dim, c.page_size, c.n, rng);
+    std::vector<std::int32_t> slots(static_cast<std::size_t>(c.n));
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng);  // any order
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> q(static_cast<std::size_t>(c.group * c.dim));
+    for (float& x : q) x = 2.0f * u(rng);
+    std::vector<std::int32_t> rotation;
+    const kvsparse::Rope rope{kvsparse::RopeStyle::half_split, 10000.0f};
+    if (c.rotate) {  // runs of equal deltas, as in-cache positions give
+        for (int j = 0; j < c.n; ++j) rotation.push_back(j < c.n / 3 ? -5 : -(c.n + 17));
+    }
+    std::vector<double> want, want_mass;
+    reference(pool.view(), slots, q, c.group, rotation, rope, want, want_mass);
+
+    std::vector<std::byte> workspace(CpuBackend::workspace_bytes(c.group, c.n, c.dim));
+    for (const bool portable : {false, true}) {
+        CAPTURE(portable);
+        std::vector<float> out(static_cast<std::size_t>(c.group * c.dim), 123.0f);
+        std::vector<float> mass(static_cast<std::size_t>(c.n), 0.5f);  // added to
+        AttendArgs<T> args{pool.view(), slots, q, c.group, 1.0f / std::sqrt(static_cast<float>(c.dim)),
+                           rotation, rope, out, mass};
+        if (portable) {
+            std::fill(out.begin(), out.end(), 0.0f);
+            kvsparse::detail::cpu::attend_portable(args, kvsparse::detail::cpu::carve(workspace, static_cast<std::size_t>(c.group),
+                                                                                      static_cast<std::size_t>(c.n),
+                                                                                      static_cast<std::size_t>(c.dim)));
+            std::fill(mass.begin(), mass.end(), 0.5f);
+            // attend_portable leaves the probabilities in the scores; add them as attend does.
+            const float* scores = reinterpret_cast<const float*>(workspace.data());
+            for (int j = 0; j < c.n; ++j)
+                for (int g = 0; g < c.group; ++g) mass[static_cast<std::size_t>(j)] += scores[static_cast<std::size_t>(g * c.n + j)];
+        } else {
+            CpuBackend{}.attend(args, workspace);
+        }
+        double error = 0, mass_error = 0;
+        for (std::size_t i = 0; i < want.size(); ++i) error = std::max(error, std::fabs(out[i] - want[i]));
+        for (std::size_t j = 0; j < want_mass.size(); ++j) mass_error = std::max(mass_error, std::fabs(mass[j] - 0.5 - want_mass[j]));
+        CHECK(error < tolerance);
+        CHECK(mass_error < tolerance);
+    }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("CpuBackend::attend matches a double reference on every path and shape", "[cpu][attend]", float, half,
+                   bfloat16) {
+    std::uint32_t seed = 1;
+    for (const int dim : {8, 12, 16, 24, 40, 128, 136}) {
+        for (const int group : {1, 2, 3, 4, 5, 8}) {
+            for (const int n : {1, 2, 3, 17, 100}) check_case<TestType>({dim, group, n, 16, false}, seed++);
+        }
+    }
+    for (const int page_size : {1, 12, 16, 64}) check_case<TestType>({128, 4, 1000, page_size, false}, seed++);
+    check_case<TestType>({128, 4, 5000, 16, false}, seed++);
+    for (const int group : {1, 4, 6}) check_case<TestType>({64, group, 77, 16, true}, seed++);
+}
+
+TEST_CASE("CpuBackend::attend with no slots writes zeros", "[cpu][attend]") {
+    std::mt19937 rng(3);
+    Pool<half> pool(16, 16, 16, rng);
+    std::vector<float> q(32, 1.0f), out(32, 7.0f);
+    std::vector<std::byte> workspace(CpuBackend::workspace_bytes(2, 0, 16));
+    CpuBackend{}.attend(AttendArgs<half>{pool.view(), {}, q, 2, 0.25f, {}, {}, out, {}}, workspace);
+    CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 0.0f; }));
+}
+
+TEST_CASE("float16 widening without branches is exact for every bit pattern", "[cpu][dtype]") {
+    for (std::uint32_t bits = 0; bits < 0x10000u; ++bits) {
+        const float want = half::to_float(static_cast<std::uint16_t>(bits));
+        const float got = kvsparse::detail::cpu::half_bits_to_float(static_cast<std::uint16_t>(bits));
+        std::uint32_t a, b;
+        std::memcpy(&a, &want, 4);
+        std::memcpy(&b, &got, 4);
+        if (a != b) FAIL("pattern " << bits << ": " << want << " != " << got);
+    }
+}
+
+TEST_CASE("the softmax exponential is within a few ulp of exp on (-104, 0]", "[cpu][exp]") {
+    double worst = 0;
+    for (double x = 0.0; x > -87.3; x -= 0.000731) {
+        const double want = std::exp(x);
+        const double got = kvsparse::detail::cpu::exp_nonpositive(static_cast<float>(x));
+        worst = std::max(worst, std::fabs(got - std::exp(static_cast<double>(static_cast<float>(x)))) / want);
+    }
+    CHECK(worst < 4e-7);  // 2 ulp of float
+    CHECK(kvsparse::detail::cpu::exp_nonpositive(0.0f) == 1.0f);
+    CHECK(kvsparse::detail::cpu::exp_nonpositive(-88.0f) == 0.0f);
+    CHECK(kvsparse::detail::cpu::exp_nonpositive(-1e30f) == 0.0f);
+    CHECK(kvsparse::detail::cpu::exp_nonpositive(-INFINITY) == 0.0f);
+}
+
+TEST_CASE("ThreadPool runs every index once, inline when nested, and rethrows the first error", "[cpu][threads]") {
+    kvsparse::detail::ThreadPool pool(3);
+    CHECK(pool.size() == 3);
+    for (const std::int64_t n : {0, 1, 2, 3, 7, 1000}) {
+        std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+        pool.parallel_for(n, [&](std::int64_t i) { ++hits[static_cast<std::size_t>(i)]; });
+        CHECK(std::all_of(hits.begin(), hits.end(), [](const std::atomic<int>& h) { return h == 1; }));
+    }
+    std::atomic<int> inner{0};
+    pool.parallel_for(4, [&](std::int64_t) { pool.parallel_for(5, [&](std::int64_t) { ++inner; }); });
+    CHECK(inner == 20);
+    for (int round = 0; round < 50; ++round) {
+        CHECK_THROWS_AS(pool.parallel_for(16, [](std::int64_t i) {
+                            if (i == 5) throw std::runtime_error("task 5");
+                        }),
+                        std::runtime_error);
+    }
+    std::atomic<int> after{0};
+    pool.parallel_for(10, [&](std::int64_t) { ++after; });  // still usable
+    CHECK(after == 10);
+}
+
+namespace {
+
+/// Outputs (and H2O's kept positions, Quest's selections) of a decode run with `threads` threads.
+template <class Policy>
+std::vector<float> decode_run(const Policy& policy, int threads) {
+    constexpr int layers = 2, q_heads = 16, kv_heads = 4, dim = 64, tokens = 300;
+    kvsparse::KVCache<Policy, CpuBackend, half> cache(
+        {.shape = {layers, q_heads, kv_heads, dim}, .page_size = 16, .num_pages = 4096}, policy, CpuBackend({.threads = threads}));
+    const auto seq = cache.add_sequence();
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> k(kv_heads * dim), v(k.size()), q(q_heads * dim), out(q.size()), all;
+    for (int t = 0; t < tokens; ++t) {
+        for (int layer = 0; layer < layers; ++layer) {
+            for (float& x : k) x = u(rng);
+            for (float& x : v) x = u(rng);
+            for (float& x : q) x = 2.0f * u(rng);
+            cache.append(seq, layer, k, v);
+            cache.attend(seq, layer, q, out);
+            all.insert(all.end(), out.begin(), out.end());
+        }
+    }
+    kvsparse::Selection selection;
+    cache.select(seq, 1, std::vector<float>(q_heads * dim, 0.5f), selection);
+    for (const int p : selection.positions) all.push_back(static_cast<float>(p));
+    return all;
+}
+
+}  // namespace
+
+TEST_CASE("decode outputs do not depend on the number of threads", "[cpu][threads]") {
+    const auto same_for_all_threads = [](const auto& policy) {
+        const std::vector<float> one = decode_run(policy, 1);
+        for (const int threads : {2, 3, 8}) {
+            CAPTURE(threads);
+            CHECK(decode_run(policy, threads) == one);  // bit for bit
+        }
+    };
+    same_for_all_threads(kvsparse::Dense{});
+    same_for_all_threads(kvsparse::H2OHeavyHitter(40, 24));
+    same_for_all_threads(kvsparse::QuestPageSelector({.page_size = 16, .token_budget = 64, .dense_layers = 1}));
+    same_for_all_threads(kvsparse::AttentionSink({.sinks = 4, .window = 60}));
+}
+
+TEMPLATE_TEST_CASE("vectorized page scores equal the portable ones bit for bit", "[cpu][quest]", float, half, bfloat16) {
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+    for (const int dim : {8, 16, 64, 128, 136}) {
+        for (const int rows : {1, 2, 3, 4, 7, 8, 9, 17}) {
+            for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::sum, kvsparse::GqaAggregation::per_query_head}) {
+                CAPTURE(dim, rows, static_cast<int>(mode));
+                const int pages = 37;
+                std::vector<TestType> data(kvsparse::KeyBounds<TestType>::elements(pages, dim));
+                const auto bounds = kvsparse::KeyBounds<TestType>::packed(data.data(), pages, 16, dim);
+                for (int p = 0; p < pages; ++p) {
+                    for (int d = 0; d < dim; ++d) {
+                        float a = u(rng), b = u(rng);
+                        if (p % 5 == 0) b = a;  // pages of one key
+                        if (a > b) std::swap(a, b);
+                        bounds.kmin(p)[d] = kvsparse::from_float<TestType>(a);
+                        bounds.kmax(p)[d] = kvsparse::from_float<TestType>(b);
+                    }
+                }
+                std::vector<float> q(static_cast<std::size_t>(rows * dim));
+                for (float& x : q) x = u(rng);
+                q[0] = 0.0f;
+                const std::size_t n = static_cast<std::size_t>(pages * rows);
+                std::vector<float> want(n, -1.0f), got(n, -1.0f);
+                kvsparse::detail::pages::page_scores(bounds, pages, q, rows, mode, want);
+                if (!kvsparse::detail::cpu::page_scores_simd(bounds, pages, q, rows, mode, got)) {
+                    WARN("no vector path on this CPU: nothing to compare");
+                    return;
+                }
+                CHECK(std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0);
+            }
+        }
+    }
+}
