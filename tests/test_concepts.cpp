@@ -26,8 +26,10 @@ struct Place {
 struct Retain {
     bool retain(const StreamState&, std::int32_t) const { return true; }
 };
-struct PrefillVisible {
-    bool prefill_visible(std::int32_t, std::int32_t, std::int32_t, std::int32_t) const { return true; }
+struct PrefillRanges {
+    kvsparse::PrefillRanges prefill_ranges(std::int32_t, std::int32_t, std::int32_t i) const {
+        return kvsparse::PrefillRanges::causal(i);
+    }
 };
 struct Select {
     std::int32_t select(const StreamState&, std::span<const float>, std::span<std::int32_t>) const { return 0; }
@@ -55,8 +57,14 @@ struct PlaceMutating {
 struct RetainInt {
     int retain(const StreamState&, std::int32_t) const { return 1; }
 };
-struct PrefillVisibleTwoArgs {
-    bool prefill_visible(std::int32_t, std::int32_t) const { return true; }
+struct PrefillRangesPredicate {  // the old per-(i, j) predicate no longer qualifies
+    bool prefill_visible(std::int32_t, std::int32_t, std::int32_t, std::int32_t) const { return true; }
+};
+struct MemoSize {
+    std::int32_t memo_size(std::int32_t, std::int32_t, std::int32_t) const { return 0; }
+};
+struct MemoSizeTwoArgs {
+    std::int32_t memo_size(std::int32_t, std::int32_t) const { return 0; }
 };
 struct SelectIntoPointer {
     std::int32_t select(const StreamState&, std::span<const float>, std::int32_t*) const { return 0; }
@@ -84,7 +92,7 @@ struct NotCopyable {
 template <class... Parts>
 struct PolicyOf : Parts... {};
 
-using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>;
+using MinimalPolicy = PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>;
 
 // ---- backends -----------------------------------------------------------------------------------------
 
@@ -153,6 +161,7 @@ static_assert(kvsparse::kv_policy<kvsparse::SlidingWindow>);
 static_assert(kvsparse::kv_policy<kvsparse::AttentionSink>);
 static_assert(kvsparse::kv_policy<kvsparse::H2OHeavyHitter>);
 static_assert(kvsparse::kv_policy<kvsparse::QuestPageSelector>);
+static_assert(kvsparse::kv_policy<kvsparse::LServeHybrid>);
 static_assert(kvsparse::kv_backend<kvsparse::CpuBackend>);
 static_assert(cache_accepts<kvsparse::Dense>);
 static_assert(cache_accepts<kvsparse::SlidingWindow>);
@@ -177,27 +186,29 @@ static_assert(std::is_trivially_copyable_v<kvsparse::AttendArgs<float>>);
 
 static_assert(kvsparse::kv_policy<MinimalPolicy>);
 static_assert(cache_accepts<MinimalPolicy>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);     // no capacity
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);  // no place
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);   // no retain
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);           // no prefill_visible
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);   // no select
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, PerQueryHead, Accumulates, BoundsPageSize>>);    // no rotates_in_cache
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, Accumulates, BoundsPageSize>>);  // no per_query_head
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectWithoutQueries, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisibleTwoArgs, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, SelectIntoPointer, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, RotatesVoid, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, BoundsPageSize>>);  // no accumulates_attention
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, AccumulatesInt, BoundsPageSize>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates>>);  // no bounds_page_size
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSizeWide>>);
-static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSizeNoArgs>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);     // no capacity
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);  // no place
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);   // no retain
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);           // no prefill_ranges
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);   // no select
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);    // no rotates_in_cache
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, Accumulates, BoundsPageSize, MemoSize>>);  // no per_query_head
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, SelectWithoutQueries, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<CapacityWide, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, PlaceMutating, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, RetainInt, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRangesPredicate, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, SelectIntoPointer, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, RotatesVoid, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<NotCopyable, Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!cache_accepts<PolicyOf<Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, BoundsPageSize, MemoSize>>);  // no accumulates_attention
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, AccumulatesInt, BoundsPageSize, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, MemoSize>>);  // no bounds_page_size
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSizeWide, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSizeNoArgs, MemoSize>>);
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize>>);  // no memo_size
+static_assert(!kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Rotates, PerQueryHead, Accumulates, BoundsPageSize, MemoSizeTwoArgs>>);
 static_assert(!kvsparse::kv_policy<int>);
 
 // ---- hand-made backends ------------------------------------------------------------------------------------
@@ -222,7 +233,7 @@ TEST_CASE("concepts: shipped policies and the CPU backend qualify / broken types
     // The checks above are compile-time; this case records them in the test list and exercises the
     // runtime side of a minimal custom policy through KVCache.
     STATIC_REQUIRE(kvsparse::kv_policy<kvsparse::AttentionSink>);
-    STATIC_REQUIRE_FALSE(kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillVisible, Select, Accumulates, BoundsPageSize>>);
+    STATIC_REQUIRE_FALSE(kvsparse::kv_policy<PolicyOf<Capacity, Place, Retain, PrefillRanges, Select, Accumulates, BoundsPageSize, MemoSize>>);
     kvsparse::KVCache<kvsparse::Dense, MinimalBackend> cache(kvsparse::CacheConfig{{1, 1, 1, 2}, 1, 4, {}},
                                                              kvsparse::Dense{});
     const auto seq = cache.add_sequence();

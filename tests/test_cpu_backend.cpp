@@ -4,10 +4,13 @@
 // outputs that do not depend on the number of threads.
 
 #include <algorithm>
+#include <type_traits>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -21,6 +24,24 @@
 #include <kvsparse/detail/thread_pool.hpp>
 #include <kvsparse/kvsparse.hpp>
 #include <kvsparse/policies/quest.hpp>
+
+// Counts heap allocations while `counting` is set (any thread), for the no-allocation check below.
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+}  // namespace
+
+// GCC pairs the library's inlined deletes with these malloc / free and warns; the pairing is right.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t size) {
+    if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+    if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+    throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -120,24 +141,26 @@ void check_case(const Case& c, std::uint32_t seed) {
     reference(pool.view(), slots, q, c.group, rotation, rope, want, want_mass);
 
     std::vector<std::byte> workspace(CpuBackend::workspace_bytes(c.group, c.n, c.dim));
-    for (const bool portable : {false, true}) {
-        CAPTURE(portable);
+    using kvsparse::detail::cpu::Isa;
+    const Isa paths[] = {Isa::avx512, Isa::avx2, Isa::portable};
+    for (int path = 0; path <= 3; ++path) {
+        const bool entry = path == 3;  // the last pass goes through CpuBackend::attend
+        const Isa isa = entry ? Isa::portable : paths[path];
+        CAPTURE(static_cast<int>(isa), entry);
         std::vector<float> out(static_cast<std::size_t>(c.group * c.dim), 123.0f);
         std::vector<float> mass(static_cast<std::size_t>(c.n), 0.5f);  // added to
         AttendArgs<T> args{pool.view(), slots, q, c.group, 1.0f / std::sqrt(static_cast<float>(c.dim)),
                            rotation, rope, out, mass};
-        if (portable) {
-            std::fill(out.begin(), out.end(), 0.0f);
-            kvsparse::detail::cpu::attend_portable(args, kvsparse::detail::cpu::carve(workspace, static_cast<std::size_t>(c.group),
-                                                                                      static_cast<std::size_t>(c.n),
-                                                                                      static_cast<std::size_t>(c.dim)));
-            std::fill(mass.begin(), mass.end(), 0.5f);
-            // attend_portable leaves the probabilities in the scores; add them as attend does.
-            const float* scores = reinterpret_cast<const float*>(workspace.data());
-            for (int j = 0; j < c.n; ++j)
-                for (int g = 0; g < c.group; ++g) mass[static_cast<std::size_t>(j)] += scores[static_cast<std::size_t>(g * c.n + j)];
-        } else {
+        if (entry) {
             CpuBackend{}.attend(args, workspace);
+        } else {
+            std::fill(out.begin(), out.end(), 0.0f);
+            const auto scratch = kvsparse::detail::cpu::carve(workspace, static_cast<std::size_t>(c.group),
+                                                              static_cast<std::size_t>(c.n), static_cast<std::size_t>(c.dim));
+            if (!kvsparse::detail::cpu::attend_with(isa, args, scratch)) continue;  // not on this CPU / shape
+            // attend_with leaves the probabilities in the scores; add them as attend does.
+            for (int j = 0; j < c.n; ++j)
+                for (int g = 0; g < c.group; ++g) mass[static_cast<std::size_t>(j)] += scratch.scores[static_cast<std::size_t>(g * c.n + j)];
         }
         double error = 0, mass_error = 0;
         for (std::size_t i = 0; i < want.size(); ++i) error = std::max(error, std::fabs(out[i] - want[i]));
@@ -285,14 +308,41 @@ TEMPLATE_TEST_CASE("vectorized page scores equal the portable ones bit for bit",
                 for (float& x : q) x = u(rng);
                 q[0] = 0.0f;
                 const std::size_t n = static_cast<std::size_t>(pages * rows);
-                std::vector<float> want(n, -1.0f), got(n, -1.0f);
-                kvsparse::detail::pages::page_scores(bounds, pages, q, rows, mode, want);
-                if (!kvsparse::detail::cpu::page_scores_simd(bounds, pages, q, rows, mode, got)) {
-                    WARN("no vector path on this CPU: nothing to compare");
-                    return;
+                std::vector<float> want(n, -1.0f);
+                kvsparse::detail::pages::page_scores_portable(bounds, pages, q, rows, mode, want);
+                using kvsparse::detail::cpu::Isa;
+                for (const Isa isa : {Isa::avx512, Isa::avx2}) {
+                    CAPTURE(static_cast<int>(isa));
+                    std::vector<float> got(n, -1.0f);
+                    if (!kvsparse::detail::cpu::page_scores_simd(bounds, pages, q, rows, mode, got, isa)) continue;
+                    CHECK(std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0);
                 }
-                CHECK(std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0);
             }
         }
     }
+}
+
+TEST_CASE("steady-state decode attention allocates nothing, on any thread", "[cpu][threads]") {
+    const auto check = [](const auto& policy) {
+        constexpr int q_heads = 8, kv_heads = 4, dim = 32;
+        using Policy = std::decay_t<decltype(policy)>;
+        kvsparse::KVCache<Policy, CpuBackend, half> cache(
+            {.shape = {1, q_heads, kv_heads, dim}, .page_size = 16, .num_pages = 1024}, policy, CpuBackend({.threads = 2}));
+        const auto seq = cache.add_sequence();
+        std::vector<float> k(kv_heads * dim, 0.25f), v(k.size(), 0.5f), q(q_heads * dim, 1.0f), out(q.size());
+        for (int t = 0; t < 300; ++t) {
+            for (std::size_t i = 0; i < k.size(); ++i) k[i] = static_cast<float>((t * 7 + static_cast<int>(i)) % 13) / 13.0f;
+            cache.append(seq, 0, k, v);
+            cache.attend(seq, 0, q, out);
+        }
+        allocations = 0;
+        counting = true;
+        for (int step = 0; step < 20; ++step) cache.attend(seq, 0, q, out);
+        counting = false;
+        CHECK(allocations == 0);
+    };
+    check(kvsparse::Dense{});
+    check(kvsparse::AttentionSink({.sinks = 4, .window = 60}));
+    check(kvsparse::H2OHeavyHitter(32, 32));
+    check(kvsparse::QuestPageSelector({.page_size = 16, .token_budget = 64, .dense_layers = 0}));
 }

@@ -745,3 +745,51 @@ TEST_CASE("parallel_for runs every task once and passes on the first error", "[e
                                    }),
                       "task 4 failed");
 }
+
+TEST_CASE("eval: lserve takes its head kinds from the trace's gate values", "[eval][lserve]") {
+    // The synthetic trace carries alpha measured on itself (attention mass beyond the sinks and the last
+    // 256 positions); lserve joins the default comparison only for traces with gate values.
+    const Trace trace = make_synthetic(parse_synthetic("tokens=300,layers=2,q_heads=4,kv_heads=2,dim=16,prefill=64,seed=4"));
+    REQUIRE(trace.alpha.size() == 2);
+    for (const auto& row : trace.alpha) {
+        REQUIRE(row.size() == 2);
+        for (const float a : row) CHECK((a >= 0.0f && a <= 1.0f));
+    }
+    CHECK(default_policy_specs(512, true, true).back() ==
+          "lserve:sink=4,local=508,logical_page=16,physical_page=64,budget=512,reuse=4,sparsity=0.5");
+    const std::vector<std::string> specs = default_policy_specs(64, true, true);
+    CHECK(specs.back() == "lserve:sink=4,local=60,logical_page=16,physical_page=16,budget=64,reuse=4,sparsity=0.5");
+    const PolicyContext context{2, 2, trace.alpha};
+    for (const std::int32_t budget : {1, 2, 4, 5, 64, 200}) {
+        const std::string text = default_policy_specs(budget, false, true).back();
+        CAPTURE(text);
+        const AnyPolicy made = make_policy(parse_policy_spec(text), context);
+        const auto& lserve = std::get<LServeHybrid>(made);
+        CHECK(lserve.streaming_policy().budget() == budget);
+        if (budget >= 3) CHECK(lserve.page_budget() * lserve.config().physical_page <= budget);
+    }
+    const AnyPolicy policy = make_policy(parse_policy_spec(specs.back()), context);
+    const auto& lserve = std::get<LServeHybrid>(policy);
+    CHECK(lserve.head_kinds().streaming_count() == 2);
+    CHECK(kvsparse::prefill_visible(lserve, 0, 0, 10, 3) == true);
+
+    const auto error_of = [&](const std::string& text, const PolicyContext& c) {
+        try {
+            make_policy(parse_policy_spec(text), c);
+        } catch (const kvsparse::error& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    CHECK_THAT(error_of("lserve:budget=64", PolicyContext{}), Catch::Contains("gate values") && Catch::Contains("has none"));
+    CHECK_THAT(error_of("lserve:budget=64", PolicyContext{3, 2, trace.alpha}), Catch::Contains("the trace has 3 layers"));
+    CHECK_THAT(error_of("lserve:budget=64,sparsity=2", context), Catch::Contains("key 'sparsity' = '2'"));
+    CHECK_THAT(error_of("lserve:budget=64,logical_page=16,physical_page=24", context), Catch::Contains("physical_page"));
+
+    ReplayOptions options;
+    options.progress = false;
+    const auto results = replay(trace, {specs.back()}, {policy}, options);
+    REQUIRE(results.size() == 1);
+    CHECK(results[0].peak_tokens == 300);  // retrieval heads keep every token
+    CHECK(results[0].recall_mean > 0.5);
+}

@@ -26,6 +26,7 @@
 #include <kvsparse/policies/attention_sink.hpp>
 #include <kvsparse/policies/dense.hpp>
 #include <kvsparse/policies/h2o.hpp>
+#include <kvsparse/policies/lserve.hpp>
 #include <kvsparse/policies/quest.hpp>
 
 namespace kvsparse::tools {
@@ -82,7 +83,7 @@ private:
 // ======== the policy table: every policy the tools know, in one place ========================================
 
 /// Every policy a spec can name.
-using AnyPolicy = std::variant<Dense, SlidingWindow, AttentionSink, H2OHeavyHitter, QuestPageSelector>;
+using AnyPolicy = std::variant<Dense, SlidingWindow, AttentionSink, H2OHeavyHitter, QuestPageSelector, LServeHybrid>;
 
 struct PolicyEntry {
     std::string_view name;
@@ -91,8 +92,9 @@ struct PolicyEntry {
     /// Builds the policy from checked values (library constructors may still reject a combination).
     AnyPolicy (*make)(const SpecValues&, const PolicyContext&);
     /// Specs of this policy in the default comparison at `budget` tokens held or read per (layer, KV
-    /// head); `rope` says whether the trace declares its RoPE (needed for in-cache positions).
-    std::vector<std::string> (*defaults)(std::int32_t budget, bool rope);
+    /// head); `rope` says whether the trace declares its RoPE (needed for in-cache positions), `gates`
+    /// whether it carries LServe's gate values (alpha).
+    std::vector<std::string> (*defaults)(std::int32_t budget, bool rope, bool gates);
 };
 
 inline const std::vector<PolicyEntry>& policy_table() {
@@ -101,12 +103,12 @@ inline const std::vector<PolicyEntry>& policy_table() {
          "every position (the reference)",
          {},
          [](const SpecValues&, const PolicyContext&) -> AnyPolicy { return Dense{}; },
-         [](std::int32_t, bool) { return std::vector<std::string>{"dense"}; }},
+         [](std::int32_t, bool, bool) { return std::vector<std::string>{"dense"}; }},
         {"window",
          "the last `window` positions",
          {{.name = "window", .min = 1, .help = "positions kept"}},
          [](const SpecValues& v, const PolicyContext&) -> AnyPolicy { return SlidingWindow(v.integer("window")); },
-         [](std::int32_t budget, bool) { return std::vector<std::string>{"window:window=" + std::to_string(budget)}; }},
+         [](std::int32_t budget, bool, bool) { return std::vector<std::string>{"window:window=" + std::to_string(budget)}; }},
         {"sink",
          "StreamingLLM: the first `sinks` positions and the last `window`",
          {{.name = "sinks", .fallback = "4", .help = "sink positions kept forever"},
@@ -122,7 +124,7 @@ inline const std::vector<PolicyEntry>& policy_table() {
                   .window = v.integer("window"),
                   .positions = v.word("positions") == "in_cache" ? PositionMode::in_cache : PositionMode::absolute});
          },
-         [](std::int32_t budget, bool rope) {
+         [](std::int32_t budget, bool rope, bool) {
              const std::int32_t sinks = budget > 4 ? 4 : budget - 1;
              const std::string base =
                  "sink:sinks=" + std::to_string(sinks) + ",window=" + std::to_string(budget - sinks);
@@ -137,7 +139,7 @@ inline const std::vector<PolicyEntry>& policy_table() {
          [](const SpecValues& v, const PolicyContext&) -> AnyPolicy {
              return H2OHeavyHitter({.heavy = v.integer("heavy"), .recent = v.integer("recent")});
          },
-         [](std::int32_t budget, bool) {
+         [](std::int32_t budget, bool, bool) {
              const std::int32_t heavy = budget / 2;
              return std::vector<std::string>{"h2o:heavy=" + std::to_string(heavy) +
                                              ",recent=" + std::to_string(budget - heavy)};
@@ -161,13 +163,70 @@ inline const std::vector<PolicyEntry>& policy_table() {
                                               : gqa == "per_query_head" ? GqaAggregation::per_query_head
                                                                         : GqaAggregation::max});
          },
-         [](std::int32_t budget, bool) {
+         [](std::int32_t budget, bool, bool) {
              // Pages of 16, or the largest power of two within a smaller budget, so that a query reads at
              // most `budget` tokens; no dense layers, so that every layer runs at the budget.
              std::int32_t page = 16;
              while (page > budget) page /= 2;
              return std::vector<std::string>{"quest:page=" + std::to_string(page) + ",budget=" + std::to_string(budget) +
                                              ",dense_layers=0"};
+         }},
+        {"lserve",
+         "LServe: streaming heads keep sinks + a local window (block-sparse prefill); retrieval heads keep everything "
+         "and read the best physical pages, reused for `reuse` steps; head kinds from the trace's gate values (alpha)",
+         {{.name = "sink", .fallback = "64", .help = "streaming heads: first positions kept"},
+          {.name = "local", .fallback = "512", .min = 1, .help = "streaming heads: last positions kept"},
+          {.name = "logical_page", .fallback = "16", .min = 1, .max = 1 << 30, .help = "positions per logical page (key bounds; a power of two)"},
+          {.name = "physical_page", .fallback = "64", .min = 1, .max = 1 << 30, .help = "positions per physical page (a multiple of logical_page)"},
+          {.name = "budget", .min = 1, .help = "retrieval heads read max(3, budget / physical_page) physical pages"},
+          {.name = "reuse", .fallback = "4", .min = 1, .help = "a selection is made every `reuse` steps and reused between"},
+          {.name = "sparsity", .kind = ValueKind::real, .fallback = "0.5", .max = 1, .help = "fraction of heads that stream (lowest alpha first)"},
+          {.name = "prefill_sink", .fallback = "-1", .min = -1, .help = "streaming-head prefill: sink columns (-1: sink)"},
+          {.name = "prefill_local", .fallback = "-1", .min = -1, .help = "streaming-head prefill: local band (-1: local)"},
+          {.name = "gqa",
+           .kind = ValueKind::word,
+           .fallback = "max",
+           .words = {"max", "sum", "per_query_head"},
+           .help = "query heads of a KV head: the max or sum of their page scores, or a selection each"}},
+         [](const SpecValues& v, const PolicyContext& context) -> AnyPolicy {
+             if (context.alpha.empty()) {
+                 throw invalid_argument("lserve takes its head kinds from gate values alpha[L][Hkv] (meta.json \"alpha\"), "
+                                        "and this trace has none");
+             }
+             if (context.layers > 0 && (context.alpha.size() != static_cast<std::size_t>(context.layers) ||
+                                        context.alpha.front().size() != static_cast<std::size_t>(context.kv_heads))) {
+                 throw invalid_argument("lserve: alpha is [" + std::to_string(context.alpha.size()) + "][" +
+                                        std::to_string(context.alpha.front().size()) + "], the trace has " +
+                                        std::to_string(context.layers) + " layers of " + std::to_string(context.kv_heads) +
+                                        " KV heads");
+             }
+             const std::string& gqa = v.word("gqa");
+             return LServeHybrid(HeadKinds::from_gates(context.alpha, v.real("sparsity")),
+                                 {.sink = v.integer("sink"),
+                                  .local = v.integer("local"),
+                                  .logical_page = v.integer("logical_page"),
+                                  .physical_page = v.integer("physical_page"),
+                                  .token_budget = v.integer("budget"),
+                                  .reuse_interval = v.integer("reuse"),
+                                  .prefill_sink = v.integer("prefill_sink"),
+                                  .prefill_local = v.integer("prefill_local"),
+                                  .gqa = gqa == "sum"              ? GqaAggregation::sum
+                                         : gqa == "per_query_head" ? GqaAggregation::per_query_head
+                                                                   : GqaAggregation::max});
+         },
+         [](std::int32_t budget, bool, bool gates) {
+             // Only for traces with gate values. Streaming heads hold `budget` (4 sinks, as the sink policy);
+             // retrieval heads read `budget` tokens: physical pages of 64 (smaller for budgets below 192, so
+             // that the 3 pages LServe always reads fit), logical pages of 16 (or the physical page).
+             if (!gates) return std::vector<std::string>{};
+             const std::int32_t sink = budget > 4 ? 4 : budget - 1;
+             std::int32_t physical = 64;
+             while (physical > 1 && 3 * physical > budget) physical /= 2;
+             const std::int32_t logical = physical < 16 ? physical : 16;
+             return std::vector<std::string>{"lserve:sink=" + std::to_string(sink) + ",local=" +
+                                             std::to_string(budget - sink) + ",logical_page=" + std::to_string(logical) +
+                                             ",physical_page=" + std::to_string(physical) +
+                                             ",budget=" + std::to_string(budget) + ",reuse=4,sparsity=0.5"};
          }},
     };
     return table;
@@ -322,11 +381,12 @@ inline AnyPolicy make_policy(const PolicySpec& spec, const PolicyContext& contex
 }
 
 /// The default comparison: every policy's default specs at `budget` tokens.
-inline std::vector<std::string> default_policy_specs(std::int32_t budget, bool rope) {
+/// `gates`: the trace carries LServe's gate values, so lserve joins the comparison.
+inline std::vector<std::string> default_policy_specs(std::int32_t budget, bool rope, bool gates = false) {
     if (budget < 1) throw invalid_argument("budget = " + std::to_string(budget) + ": must be at least 1");
     std::vector<std::string> specs;
     for (const PolicyEntry& entry : policy_table()) {
-        for (std::string& s : entry.defaults(budget, rope)) specs.push_back(std::move(s));
+        for (std::string& s : entry.defaults(budget, rope, gates)) specs.push_back(std::move(s));
     }
     return specs;
 }

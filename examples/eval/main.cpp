@@ -51,7 +51,7 @@ int run(const Options& options) {
         options.trace_dir.empty() ? make_synthetic(parse_synthetic(options.synthetic)) : load_trace(options.trace_dir);
     if (!options.save_trace_dir.empty()) save_trace(trace, options.save_trace_dir);
     if (specs.empty()) {
-        for (const std::string& text : default_policy_specs(options.budget, trace.rope.has_value()))
+        for (const std::string& text : default_policy_specs(options.budget, trace.rope.has_value(), !trace.alpha.empty()))
             specs.push_back(parse_policy_spec(text));
     }
 

@@ -130,7 +130,7 @@ public:
     void attend(std::span<const float> q, std::span<float> out) override { cache_.attend(sequence_, layer_, q, out); }
     MemoryStats memory() const override { return cache_.memory(sequence_); }
     bool prefill_visible(std::int32_t kv_head, std::int32_t i, std::int32_t j) const override {
-        return cache_.policy().prefill_visible(layer_, kv_head, i, j);
+        return kvsparse::prefill_visible(cache_.policy(), layer_, kv_head, i, j);
     }
 
 private:

@@ -20,7 +20,10 @@ namespace kvsparse {
 /// - `place(stream)`: slot for the token at `stream.next_position`; a slot past the last one grows the
 ///   stream, an occupied slot evicts its token.
 /// - `retain(stream, slot)`: after a prefill, whether the token in `slot` stays.
-/// - `prefill_visible(layer, kv_head, i, j)`: whether prefill query position i sees key position j <= i.
+/// - `prefill_ranges(layer, kv_head, i)`: the key positions prefill query position i sees, as ascending
+///   disjoint ranges within [0, i] (PrefillRanges; `PrefillRanges::causal(i)` for dense causal). The cache
+///   gathers only held tokens inside them, so the work is proportional to the visible entries.
+///   `prefill_visible(policy, layer, kv_head, i, j)` below is the same pattern as a predicate.
 /// - `select(stream, queries, out)`: slots a decode query attends to, in ascending position order; returns
 ///   the count. `queries` are the group's query heads [group][head_dim] as attention sees them (one
 ///   head when `per_query_head()`), for policies whose choice depends on the query.
@@ -33,7 +36,9 @@ namespace kvsparse {
 /// - `bounds_page_size(layer, kv_head)`: 0, or the page size (a power of two) of the per-page key bounds
 ///   (StreamState::bounds) the stream must keep for select: the element-wise min/max of the stored keys
 ///   of every page of slots, updated on every key write (Quest's metadata).
-/// policy_defaults (policies/policy_defaults.hpp) gives the usual answers for the last six.
+/// - `memo_size(layer, kv_head, group)`: int32 of mutable per-stream state (StreamState::memo) the
+///   policy's select keeps between calls, zeros at the start; 0 for none. `group`: query heads per KV head.
+/// policy_defaults (policies/policy_defaults.hpp) gives the usual answers for the last seven.
 template <class P>
 concept kv_policy = std::copy_constructible<P> &&
     requires(const P& policy, const StreamState& stream, std::int32_t i, std::span<const float> queries,
@@ -42,12 +47,20 @@ concept kv_policy = std::copy_constructible<P> &&
         { policy.place(stream) } -> std::same_as<std::int32_t>;
         { policy.select(stream, queries, out) } -> std::same_as<std::int32_t>;
         { policy.retain(stream, i) } -> std::same_as<bool>;
-        { policy.prefill_visible(i, i, i, i) } -> std::same_as<bool>;
+        { policy.prefill_ranges(i, i, i) } -> std::same_as<PrefillRanges>;
         { policy.rotates_in_cache() } -> std::same_as<bool>;
         { policy.per_query_head() } -> std::same_as<bool>;
         { policy.accumulates_attention() } -> std::same_as<bool>;
         { policy.bounds_page_size(i, i) } -> std::same_as<std::int32_t>;
+        { policy.memo_size(i, i, i) } -> std::same_as<std::int32_t>;
     };
+
+/// Whether prefill query position `i` sees key position `j` under the policy's prefill pattern
+/// (j <= i and j inside one of its prefill_ranges). For masks and tests; the cache uses the ranges.
+template <kv_policy P>
+bool prefill_visible(const P& policy, std::int32_t layer, std::int32_t kv_head, std::int32_t i, std::int32_t j) {
+    return j >= 0 && j <= i && policy.prefill_ranges(layer, kv_head, i).contains(j);
+}
 
 /// Arguments of one gathered attention: the query heads of one KV head over a set of slots.
 template <storage_type T>

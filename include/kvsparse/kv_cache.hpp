@@ -193,10 +193,13 @@ public:
         detail::require(t >= 0, "length", t + 1, "attend needs at least one appended token");
         const std::span<const float> q = rotated_queries(queries, t, 1, stream);
         const std::size_t dim = static_cast<std::size_t>(config_.shape.head_dim);
-        for_each_selection(sequence, layer, q, [&](Stream& s, std::int32_t h, std::int32_t first_q_head,
-                                                   std::span<const std::int32_t> slots, std::span<const float> rows) {
-            attend_group(s, h, slots, rows, t, out.subspan(static_cast<std::size_t>(first_q_head) * dim, rows.size()),
-                         stream);
+        // Every KV head's selection and attention is one task on the backend's threads.
+        for_each_head([&](std::int32_t h, Scratch& w) {
+            for_each_row(h, q, [&](std::int32_t first_q_head, std::span<const float> rows) {
+                const auto slots = select_row(sequence, layer, h, rows, w, first_q_head);
+                attend_group(stream_at(sequence, layer, h), h, slots, rows, t,
+                             out.subspan(static_cast<std::size_t>(first_q_head) * dim, rows.size()), stream, &w);
+            });
         });
     }
 
@@ -215,14 +218,28 @@ public:
         selection.indptr.assign(1, 0);
         selection.slots.clear();
         selection.positions.clear();
-        for_each_selection(sequence, layer, q, [&](Stream& s, std::int32_t, std::int32_t, std::span<const std::int32_t> slots,
-                                                   std::span<const float>) {
-            for (const std::int32_t slot : slots) {
-                selection.slots.push_back(slot);
-                selection.positions.push_back(s.positions[static_cast<std::size_t>(slot)]);
-            }
-            selection.indptr.push_back(static_cast<std::int32_t>(selection.slots.size()));
+        for_each_head([&](std::int32_t h, Scratch& w) {  // the heads in parallel, then concatenated in order
+            w.selected.clear();
+            w.row_ends.clear();
+            for_each_row(h, q, [&](std::int32_t first_q_head, std::span<const float> rows) {
+                const auto slots = select_row(sequence, layer, h, rows, w, first_q_head);
+                w.selected.insert(w.selected.end(), slots.begin(), slots.end());
+                w.row_ends.push_back(w.selected.size());
+            });
         });
+        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
+            const Scratch& w = head_scratch_[static_cast<std::size_t>(h)];
+            const Stream& s = stream_at(sequence, layer, h);
+            std::size_t begin = 0;
+            for (const std::size_t end : w.row_ends) {
+                for (std::size_t i = begin; i < end; ++i) {
+                    selection.slots.push_back(w.selected[i]);
+                    selection.positions.push_back(s.positions[static_cast<std::size_t>(w.selected[i])]);
+                }
+                selection.indptr.push_back(static_cast<std::int32_t>(selection.slots.size()));
+                begin = end;
+            }
+        }
     }
 
     /// Page lists (FlashInfer's indptr / indices / last_page_len) for engines with their own paged
@@ -290,17 +307,15 @@ public:
                            stored_keys.subspan(static_cast<std::size_t>(h * dim)),
                            values.subspan(static_cast<std::size_t>(h * dim)), static_cast<std::int32_t>(kv_row), stream);
 
-            // Held slots in position order; the chunk's slots follow in order.
+            // Held slots in position order (the chunk's slots follow in order), and their positions.
             held_by_position(s, prefill_order_);
+            order_positions_.resize(prefill_order_.size());
+            for (std::size_t j = 0; j < prefill_order_.size(); ++j)
+                order_positions_[j] = s.positions[static_cast<std::size_t>(prefill_order_[j])];
             std::vector<std::int32_t>& visible = visible_;
             for (std::int32_t i = 0; i < n; ++i) {
                 const std::int32_t qpos = first + i;
-                visible.clear();
-                for (const std::int32_t slot : prefill_order_) {
-                    const std::int32_t kpos = s.positions[static_cast<std::size_t>(slot)];
-                    if (kpos > qpos) break;
-                    if (policy_.prefill_visible(layer, h, qpos, kpos)) visible.push_back(slot);
-                }
+                gather_prefill_visible(layer, h, qpos, visible);
                 const std::size_t q_offset = static_cast<std::size_t>(i) * q_row + static_cast<std::size_t>(h) * group_size;
                 attend_group(s, h, visible, rotated_q.subspan(q_offset, group_size), qpos, out.subspan(q_offset, group_size),
                              stream);
@@ -396,6 +411,7 @@ private:
         std::vector<std::int32_t> positions;  // per slot; its size is the slot high-water mark
         std::vector<float> scores;            // per slot when the policy accumulates attention, else empty
         std::vector<T> bounds;                // per bounds page [kmin][kmax] when the policy keeps them, else empty
+        std::vector<std::int32_t> memo;       // the policy's memo_size int32 (zeros at the start), else empty
         std::int32_t held = 0;
         std::int32_t next_position = 0;
     };
@@ -532,52 +548,82 @@ private:
         return rotated_queries_;
     }
 
-    /// Runs the policy's decode selection for every KV head of `layer` and calls
-    /// visit(stream, kv_head, first query head, slots, query rows) once per set: per KV head with the
-    /// group's rows, or per query head with its own row when the policy selects per query head.
+    /// Buffers of one task of attend / select (one per KV head, so the heads can run at once). They grow
+    /// to their largest size once and are reused.
+    struct Scratch {
+        std::vector<std::int32_t> slots, selected, positions, key_rotation, page_order;
+        std::vector<std::size_t> row_ends;
+        std::vector<float> query, probabilities, page_scores;
+        std::vector<std::byte> workspace;
+    };
+
+    /// Runs task(kv_head, its scratch) for every KV head: in parallel when the backend has threads
+    /// (CpuBackend::parallel_for). The heads share nothing mutable (each has its own stream, scores, bounds
+    /// and scratch; policies select through const member functions), so the results do not depend on the
+    /// number of threads.
+    template <class Task>
+    void for_each_head(Task task) {
+        const std::int32_t heads = config_.shape.kv_heads;
+        if (head_scratch_.size() < static_cast<std::size_t>(heads)) head_scratch_.resize(static_cast<std::size_t>(heads));
+        const auto run = [&](std::int64_t h) { task(static_cast<std::int32_t>(h), head_scratch_[static_cast<std::size_t>(h)]); };
+        if constexpr (requires { backend_.parallel_for(std::int64_t{1}, run); }) {
+            backend_.parallel_for(heads, run);
+        } else {
+            for (std::int32_t h = 0; h < heads; ++h) run(h);
+        }
+    }
+
+    /// Calls visit(first query head, query rows) for each set KV head `h` attends with: once with the
+    /// group's rows, or once per query head when the policy selects per query head.
     template <class Visit>
-    void for_each_selection(Sequence& sequence, std::int32_t layer, std::span<const float> queries, Visit visit) {
+    void for_each_row(std::int32_t h, std::span<const float> queries, Visit visit) const {
         const std::int32_t group = config_.shape.group_size();
         const std::size_t dim = static_cast<std::size_t>(config_.shape.head_dim);
         const std::int32_t rows = policy_.per_query_head() ? 1 : group;
-        for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
-            Stream& s = stream_at(sequence, layer, h);
-            scratch_slots_.resize(std::max<std::size_t>(scratch_slots_.size(), static_cast<std::size_t>(s.held)));
-            for (std::int32_t first = h * group; first < (h + 1) * group; first += rows) {
-                const auto q = queries.subspan(static_cast<std::size_t>(first) * dim, static_cast<std::size_t>(rows) * dim);
-                const std::int32_t count = policy_.select(bounds_state(s, layer, h), q, scratch_slots_);
-                visit(s, h, first, std::span<const std::int32_t>(scratch_slots_.data(), static_cast<std::size_t>(count)), q);
-            }
+        for (std::int32_t first = h * group; first < (h + 1) * group; first += rows) {
+            visit(first, queries.subspan(static_cast<std::size_t>(first) * dim, static_cast<std::size_t>(rows) * dim));
         }
+    }
+
+    /// The policy's decode selection of KV head `h` for query rows `q` (from query head `first_q_head`), in w.slots.
+    std::span<const std::int32_t> select_row(Sequence& sequence, std::int32_t layer, std::int32_t h,
+                                             std::span<const float> q, Scratch& w, std::int32_t first_q_head) {
+        Stream& s = stream_at(sequence, layer, h);
+        w.slots.resize(std::max<std::size_t>(w.slots.size(), static_cast<std::size_t>(s.held)));
+        StreamState selecting = bounds_state(s, layer, h, &w);
+        if (policy_.per_query_head()) selecting.group_member = first_q_head - h * config_.shape.group_size();
+        const std::int32_t count = policy_.select(selecting, q, w.slots);
+        return std::span<const std::int32_t>(w.slots.data(), static_cast<std::size_t>(count));
     }
 
     /// Attention of query rows (rotated as for their absolute position `qpos`) of KV head `h` over `slots`
     /// (ascending positions). In-cache positions turn every key from its position to its rank in the
     /// set, and the queries to the last rank.
     void attend_group(Stream& s, std::int32_t h, std::span<const std::int32_t> slots, std::span<const float> queries,
-                      std::int32_t qpos, std::span<float> out, stream_type stream) {
+                      std::int32_t qpos, std::span<float> out, stream_type stream, Scratch* task = nullptr) {
+        Scratch& w = task ? *task : scratch_;
         const std::int32_t dim = config_.shape.head_dim;
         const std::int32_t group = static_cast<std::int32_t>(queries.size()) / dim;
         std::span<const float> q = queries;
         std::span<const std::int32_t> key_rotation;
         const bool in_cache = policy_.rotates_in_cache();
         if (in_cache) {
-            query_.assign(queries.begin(), queries.end());
-            positions_.assign(1, static_cast<std::int32_t>(slots.size()) - 1 - qpos);
-            backend_.rope(query_, group, dim, positions_, *config_.rope, stream);
-            q = query_;
-            key_rotation_.resize(slots.size());
+            w.query.assign(queries.begin(), queries.end());
+            w.positions.assign(1, static_cast<std::int32_t>(slots.size()) - 1 - qpos);
+            backend_.rope(w.query, group, dim, w.positions, *config_.rope, stream);
+            q = w.query;
+            w.key_rotation.resize(slots.size());
             for (std::size_t i = 0; i < slots.size(); ++i) {
-                key_rotation_[i] = static_cast<std::int32_t>(i) - s.positions[static_cast<std::size_t>(slots[i])];
+                w.key_rotation[i] = static_cast<std::int32_t>(i) - s.positions[static_cast<std::size_t>(slots[i])];
             }
-            key_rotation = key_rotation_;
+            key_rotation = w.key_rotation;
         }
         const std::size_t bytes = Backend::workspace_bytes(group, static_cast<std::int32_t>(slots.size()), dim);
-        if (workspace_.size() < bytes) workspace_.resize(bytes);
+        if (w.workspace.size() < bytes) w.workspace.resize(bytes);
         // Accumulating policies: the attention adds the group's probability of each attended token (one
         // float per slot of the set, no attention matrix), which then goes to that token's score.
         const bool accumulate = policy_.accumulates_attention();
-        if (accumulate) probabilities_.assign(slots.size(), 0.0f);
+        if (accumulate) w.probabilities.assign(slots.size(), 0.0f);
         AttendArgs<T> args{view(s, h),
                            slots,
                            q,
@@ -586,10 +632,10 @@ private:
                            key_rotation,
                            config_.rope.value_or(Rope{}),
                            out,
-                           accumulate ? std::span<float>(probabilities_) : std::span<float>{}};
-        backend_.attend(args, std::span<std::byte>(workspace_.data(), workspace_.size()), stream);
+                           accumulate ? std::span<float>(w.probabilities) : std::span<float>{}};
+        backend_.attend(args, std::span<std::byte>(w.workspace.data(), w.workspace.size()), stream);
         if (accumulate) {
-            for (std::size_t j = 0; j < slots.size(); ++j) s.scores[static_cast<std::size_t>(slots[j])] += probabilities_[j];
+            for (std::size_t j = 0; j < slots.size(); ++j) s.scores[static_cast<std::size_t>(slots[j])] += w.probabilities[j];
         }
     }
 
@@ -612,17 +658,24 @@ private:
         if (s.bounds.size() < elements) s.bounds.resize(elements);
     }
 
-    /// The state `select` sees: with the bounds and the cache's selection scratch when the policy keeps them.
-    StreamState bounds_state(Stream& s, std::int32_t layer, std::int32_t h) {
+    /// The state `select` sees: with the policy's memo, and with the bounds and the cache's selection
+    /// scratch when the policy keeps them.
+    StreamState bounds_state(Stream& s, std::int32_t layer, std::int32_t h, Scratch* task = nullptr) {
         StreamState result = state(s, layer, h);
+        const std::int32_t memo = policy_.memo_size(layer, h, config_.shape.group_size());
+        if (memo > 0) {
+            if (s.memo.size() < static_cast<std::size_t>(memo)) s.memo.resize(static_cast<std::size_t>(memo), 0);
+            result.memo = s.memo;
+        }
         const std::int32_t bounds_page = policy_.bounds_page_size(layer, h);
         if (bounds_page == 0) return result;
         grow_bounds(s, bounds_page);
         const auto pages = static_cast<std::int32_t>((static_cast<std::int64_t>(s.positions.size()) + bounds_page - 1) / bounds_page);
         const std::size_t scores = static_cast<std::size_t>(pages) * static_cast<std::size_t>(config_.shape.group_size());
-        if (bounds_scores_.size() < scores) bounds_scores_.resize(scores);
-        if (bounds_order_.size() < static_cast<std::size_t>(pages)) bounds_order_.resize(static_cast<std::size_t>(pages));
-        result.bounds = KeyBoundsView::of(bounds_of(s, bounds_page), pages, bounds_scores_, bounds_order_);
+        Scratch& w = task ? *task : scratch_;
+        if (w.page_scores.size() < scores) w.page_scores.resize(scores);
+        if (w.page_order.size() < static_cast<std::size_t>(pages)) w.page_order.resize(static_cast<std::size_t>(pages));
+        result.bounds = KeyBoundsView::of(bounds_of(s, bounds_page), pages, w.page_scores, w.page_order);
         return result;
     }
 
@@ -689,6 +742,29 @@ private:
         rebuild_bounds(s, h, bounds_page, dirty_pages_);
     }
 
+    /// The held slots that prefill query position `qpos` of KV head `h` sees, ascending: the policy's
+    /// prefill ranges clipped to [0, qpos], each found by binary search in order_positions_ (held
+    /// positions ascending, slots in prefill_order_). O(ranges * log held + visible): a sparse pattern
+    /// never visits the keys it masks.
+    void gather_prefill_visible(std::int32_t layer, std::int32_t h, std::int32_t qpos, std::vector<std::int32_t>& visible) {
+        visible.clear();
+        const PrefillRanges ranges = policy_.prefill_ranges(layer, h, qpos);
+        detail::require(ranges.count >= 0 && ranges.count <= PrefillRanges::max_ranges, "prefill_ranges.count", ranges.count,
+                        "must be in [0, PrefillRanges::max_ranges]");
+        std::int32_t previous_end = 0;
+        for (std::int32_t r = 0; r < ranges.count; ++r) {
+            const PositionRange range = ranges.ranges[static_cast<std::size_t>(r)];
+            detail::require(range.begin >= previous_end, "prefill_ranges.begin", range.begin,
+                            "ranges must be ascending, disjoint and not negative");
+            previous_end = std::max(previous_end, range.end);
+            const std::int32_t end = std::min(range.end, qpos + 1);
+            if (range.begin >= end) continue;
+            const auto from = std::lower_bound(order_positions_.begin(), order_positions_.end(), range.begin);
+            for (auto it = from; it != order_positions_.end() && *it < end; ++it)
+                visible.push_back(prefill_order_[static_cast<std::size_t>(it - order_positions_.begin())]);
+        }
+    }
+
     /// Held slots sorted by position.
     static void held_by_position(const Stream& s, std::vector<std::int32_t>& order) {
         order.clear();
@@ -732,6 +808,7 @@ private:
         placed.next_position = s.next_position;
         placed.pages = std::move(s.pages);
         placed.bounds = std::move(s.bounds);  // the caller rebuilds the pages whose slots changed
+        placed.memo = std::move(s.memo);
         const std::size_t keep_pages = static_cast<std::size_t>(pool_.pages_for(static_cast<std::int64_t>(placed.positions.size())));
         pool_.release(std::span<const std::int32_t>(placed.pages).subspan(keep_pages));
         placed.pages.resize(keep_pages);
@@ -745,11 +822,11 @@ private:
     std::vector<std::optional<Sequence>> sequences_;
 
     // Scratch reused across calls, so steady-state decode does not allocate.
-    std::vector<std::int32_t> scratch_slots_, prefill_order_, visible_, positions_, key_rotation_;
-    std::vector<float> rotated_, rotated_queries_, query_, probabilities_;
-    std::vector<std::byte> workspace_;
-    std::vector<std::int32_t> dirty_pages_, bounds_positions_, bounds_order_;  // key bounds
-    std::vector<float> bounds_scores_;
+    std::vector<std::int32_t> scratch_slots_, prefill_order_, order_positions_, visible_, positions_;
+    std::vector<float> rotated_, rotated_queries_;
+    std::vector<std::int32_t> dirty_pages_, bounds_positions_;  // key bounds
+    Scratch scratch_;                    // attention and selection outside attend / select (prefill, ...)
+    std::vector<Scratch> head_scratch_;  // attend / select: one per KV head
 };
 
 }  // namespace kvsparse

@@ -11,6 +11,7 @@
 #include "kvsparse/policies/attention_sink.hpp"
 #include "kvsparse/policies/dense.hpp"
 #include "kvsparse/policies/h2o.hpp"
+#include "kvsparse/policies/lserve.hpp"
 #include "kvsparse/policies/quest.hpp"
 #include "kvsparse/rope.hpp"
 #include "kvsparse/shape.hpp"

@@ -87,18 +87,29 @@ inline void prefetch_row(const T* row, std::size_t bytes) {
 #endif
 }
 
+/// Rows requested ahead of use: about 4 KiB. The hardware prefetchers stop at 4 KiB memory pages, and
+/// cache pages need not be adjacent; with shuffled pages this doubles the rate, with adjacent ones it
+/// costs nothing measurable.
+inline std::size_t prefetch_rows(std::size_t row_bytes) { return std::max<std::size_t>(4, 4096 / row_bytes); }
+
 // ---- scalar pieces shared by both paths ----------------------------------------------------------------
 
-/// exp(x) for x <= 0 (softmax arguments): Cody-Waite range reduction and a degree-6 polynomial, within
-/// 2 ulp of the exact value; 0 below the smallest normal float. Written without branches or calls, so
-/// the portable loops vectorize.
+/// exp(x) for x <= 0 (softmax arguments): Cody-Waite range reduction around the nearest integer n of
+/// x * log2(e) and a degree-6 polynomial (Cephes' coefficients), within 2 ulp of the exact value; 0 below
+/// the smallest normal float. No branches, calls or floating-point comparisons (which, as they may trap,
+/// keep GCC from vectorizing), so the portable loop vectorizes; fine under -ffast-math too (n is read
+/// from the bits of a sum the compiler must form, its float value converted back from the integer).
 inline float exp_nonpositive(float x) {
-    constexpr float lowest = -87.33654f;  // exp(lowest) = 2^-126
-    const bool zero = x < lowest;
-    x = x < lowest ? lowest : x;
-    const float t = x * 1.44269504088896341f + 0.5f;
-    std::int32_t n = static_cast<std::int32_t>(t);  // truncates toward zero; t may be negative
-    n -= (static_cast<float>(n) > t) ? 1 : 0;       // floor
+    constexpr std::uint32_t lowest = 0xc2aeac50u;  // -87.33654f: exp(lowest) = 2^-126
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const bool below = bits > lowest;  // x < lowest, as x <= 0 (+0 and -0 are kept)
+    bits = below ? lowest : bits;
+    std::memcpy(&x, &bits, sizeof x);
+    const float shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
+    std::int32_t n;
+    std::memcpy(&n, &shifted, sizeof n);
+    n -= 0x4b400000;
     const float fn = static_cast<float>(n);
     const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -111,23 +122,29 @@ inline float exp_nonpositive(float x) {
     const std::uint32_t scale_bits = static_cast<std::uint32_t>(n + 127) << 23;
     float scale;
     std::memcpy(&scale, &scale_bits, sizeof scale);
-    return zero ? 0.0f : y * scale;
+    const float result = y * scale;
+    std::uint32_t out;
+    std::memcpy(&out, &result, sizeof out);
+    out &= below ? 0u : ~0u;
+    float value;
+    std::memcpy(&value, &out, sizeof value);
+    return value;
 }
 
-/// float16 bits to float, exactly, without branches: subnormals are normalized by a float subtraction.
+/// float16 bits to float, exactly, without branches: subnormals are normalized by a float subtraction
+/// (whose result is used only for them, so NaN payloads pass untouched).
 inline float half_bits_to_float(std::uint16_t h) {
     const std::uint32_t magnitude = static_cast<std::uint32_t>(h & 0x7fffu) << 13;
     const std::uint32_t exponent = magnitude & 0x0f800000u;
-    std::uint32_t bits = magnitude + 0x38000000u;                     // rebias 15 -> 127
-    bits += (exponent == 0x0f800000u) ? 0x38000000u : 0u;             // inf / NaN: exponent to 255
-    const bool tiny = exponent == 0;                                  // zero or subnormal
-    bits += tiny ? 0x00800000u : 0u;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    f -= tiny ? 6.103515625e-05f : 0.0f;                              // 2^-14
-    std::uint32_t out;
-    std::memcpy(&out, &f, sizeof out);
-    out |= static_cast<std::uint32_t>(h & 0x8000u) << 16;
+    std::uint32_t bits = magnitude + 0x38000000u;                      // rebias 15 -> 127
+    bits += (exponent == 0x0f800000u) ? 0x38000000u : 0u;              // inf / NaN: exponent to 255
+    float tiny;                                                        // zero or subnormal: 2^-14 * (1 + m) - 2^-14
+    const std::uint32_t tiny_bits_in = magnitude + 0x38800000u;
+    std::memcpy(&tiny, &tiny_bits_in, sizeof tiny);
+    tiny -= 6.103515625e-05f;
+    std::uint32_t tiny_bits;
+    std::memcpy(&tiny_bits, &tiny, sizeof tiny_bits);
+    const std::uint32_t out = (exponent == 0 ? tiny_bits : bits) | (static_cast<std::uint32_t>(h & 0x8000u) << 16);
     float result;
     std::memcpy(&result, &out, sizeof result);
     return result;
@@ -293,12 +310,13 @@ KVSPARSE_AVX2 inline float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 
-/// exp(x) for x <= 0, eight lanes; the same polynomial as exp_nonpositive.
+/// exp(x) for x <= 0, eight lanes; the same reduction and polynomial as exp_nonpositive.
 KVSPARSE_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
     const __m256 lowest = _mm256_set1_ps(-87.33654f);
     const __m256 zero = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lowest);
-    const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    const __m256 fn = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
     __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -368,20 +386,17 @@ KVSPARSE_AVX2 inline void accumulate_block(float* out, std::size_t dim, const T*
     if (d < dim) accumulate<Heads, 1>(out, dim, d, rows, count, p, n);
 }
 
+/// Pass 1: scores, two keys at a time, each widened once for the whole group.
 template <storage_type T>
-KVSPARSE_AVX2 void attend_avx2(const AttendArgs<T>& a, Scratch s) {
+KVSPARSE_AVX2 void score_pass_avx2(const AttendArgs<T>& a, Scratch s) {
     const std::size_t n = a.slots.size();
     const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
     const std::size_t group = static_cast<std::size_t>(a.group);
     const Rows<T> keys(a.stream.keys, a.stream.table, a.stream.head);
-    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
     const std::size_t row_bytes = dim * sizeof(T);
-    // Rows requested ahead of use: about 2 KiB, so a page boundary does not stall the stream.
-    const std::size_t ahead = std::max<std::size_t>(4, 2048 / row_bytes);
+    const std::size_t ahead = prefetch_rows(row_bytes);
     const __m256 scale = _mm256_set1_ps(a.scale);
     const bool rotate = !a.key_rotation.empty();
-
-    // Pass 1: scores, two keys at a time, each widened once for the whole group.
     for (std::size_t j = 0; j < n; j += 2) {
         const bool pair = j + 1 < n;
         const T* k0 = keys(a.slots[j]);
@@ -414,10 +429,12 @@ KVSPARSE_AVX2 void attend_avx2(const AttendArgs<T>& a, Scratch s) {
             }
         }
     }
+}
 
-    // Softmax per query head: max, exponentials and their sum eight lanes at a time.
+/// Softmax of every query head's scores: max, exponentials and their sum eight lanes at a time.
+KVSPARSE_AVX2 inline void softmax_avx2(float* scores, std::size_t group, std::size_t n) {
     for (std::size_t g = 0; g < group; ++g) {
-        float* row = s.scores + g * n;
+        float* row = scores + g * n;
         std::size_t j = 0;
         __m256 top8 = _mm256_set1_ps(row[0]);
         for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
@@ -445,9 +462,17 @@ KVSPARSE_AVX2 void attend_avx2(const AttendArgs<T>& a, Scratch s) {
         for (; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inverse8));
         for (; j < n; ++j) row[j] *= inverse;
     }
+}
 
-    // Pass 2: weighted values. A block of rows stays in L1 while the head dimension is walked in
-    // 16-float strips, four query heads at a time (their strips live in registers).
+/// Pass 2: weighted values. A block of rows stays in L1 while the head dimension is walked in 16-float
+/// strips, four query heads at a time (their strips live in registers).
+template <storage_type T>
+KVSPARSE_AVX2 void value_pass_avx2(const AttendArgs<T>& a, Scratch s) {
+    const std::size_t n = a.slots.size();
+    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
+    const std::size_t group = static_cast<std::size_t>(a.group);
+    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
+    const std::size_t row_bytes = dim * sizeof(T);
     constexpr std::size_t block = 32;
     const T* rows[block];
     for (std::size_t j0 = 0; j0 < n; j0 += block) {
@@ -470,9 +495,261 @@ KVSPARSE_AVX2 void attend_avx2(const AttendArgs<T>& a, Scratch s) {
 
 #undef KVSPARSE_AVX2
 
+// ---- x86: AVX-512 (sixteen lanes; head dimensions that are a multiple of 16) --------------------------
+
+#define KVSPARSE_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused merge source, which its
+// -Wmaybe-uninitialized reports once they are inlined here (GCC bug 105593, fixed in 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+/// Whether this CPU (and its OS) runs the AVX-512 path: AVX512F on top of the AVX2 path, with ZMM state
+/// saved by the OS. Asked once.
+inline bool has_avx512f() {
+    static const bool yes = [] {
+        if (!has_avx2_fma_f16c()) return false;
+        unsigned xcr0 = 0, xcr0_high = 0;
+        __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+        if ((xcr0 & 0xe6u) != 0xe6u) return false;  // XMM, YMM, opmask and both ZMM halves
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        __cpuid_count(7, 0, a, b, c, d);
+        return ((b >> 16) & 1u) != 0;  // AVX512F
+    }();
+    return yes;
+}
+
+/// Sixteen stored elements widened to float, in registers.
+template <storage_type T>
+KVSPARSE_AVX512 inline __m512 load16(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+        return _mm512_loadu_ps(p);
+    } else if constexpr (std::is_same_v<T, half>) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    } else {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    }
+}
+
+/// Lower plus upper eight lanes.
+KVSPARSE_AVX512 inline __m256 fold16(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/// As dots, sixteen lanes wide: lane 2h+i of the result is head h's dot with key i.
+template <int Heads, storage_type K>
+KVSPARSE_AVX512 inline __m256 dots16(const float* q, std::size_t dim, const K* k0, const K* k1) {
+    __m512 acc[8];
+    for (__m512& x : acc) x = _mm512_setzero_ps();
+    for (std::size_t d = 0; d < dim; d += 16) {
+        const __m512 x0 = load16(k0 + d);
+        const __m512 x1 = load16(k1 + d);
+        for (int h = 0; h < Heads; ++h) {
+            const __m512 qv = _mm512_loadu_ps(q + static_cast<std::size_t>(h) * dim + d);
+            acc[2 * h] = _mm512_fmadd_ps(qv, x0, acc[2 * h]);
+            acc[2 * h + 1] = _mm512_fmadd_ps(qv, x1, acc[2 * h + 1]);
+        }
+    }
+    __m256 folded[8];
+    for (int i = 0; i < 8; ++i) folded[i] = fold16(acc[i]);
+    return sum8x8(folded);
+}
+
+template <storage_type K>
+KVSPARSE_AVX512 inline __m256 dots16_for(std::size_t heads, const float* q, std::size_t dim, const K* k0, const K* k1) {
+    switch (heads) {
+        case 1: return dots16<1>(q, dim, k0, k1);
+        case 2: return dots16<2>(q, dim, k0, k1);
+        case 3: return dots16<3>(q, dim, k0, k1);
+        default: return dots16<4>(q, dim, k0, k1);
+    }
+}
+
+/// exp(x) for x <= 0, sixteen lanes; the same reduction and polynomial as exp_nonpositive.
+KVSPARSE_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
+    const __m512 lowest = _mm512_set1_ps(-87.33654f);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+    x = _mm512_max_ps(x, lowest);
+    const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    const __m512i n = _mm512_cvtps_epi32(fn);
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+    return _mm512_maskz_mul_ps(keep, y, scale);
+}
+
+template <storage_type T>
+KVSPARSE_AVX512 void score_pass_avx512(const AttendArgs<T>& a, Scratch s) {
+    const std::size_t n = a.slots.size();
+    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
+    const std::size_t group = static_cast<std::size_t>(a.group);
+    const Rows<T> keys(a.stream.keys, a.stream.table, a.stream.head);
+    const std::size_t row_bytes = dim * sizeof(T);
+    const std::size_t ahead = prefetch_rows(row_bytes);
+    const __m256 scale = _mm256_set1_ps(a.scale);
+    for (std::size_t j = 0; j < n; j += 2) {
+        const bool pair = j + 1 < n;
+        const T* k0 = keys(a.slots[j]);
+        const T* k1 = pair ? keys(a.slots[j + 1]) : k0;
+        if (j + ahead + 1 < n) {
+            prefetch_row(keys(a.slots[j + ahead]), row_bytes);
+            prefetch_row(keys(a.slots[j + ahead + 1]), row_bytes);
+        }
+        for (std::size_t g0 = 0; g0 < group; g0 += 4) {
+            const std::size_t heads = std::min<std::size_t>(4, group - g0);
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, _mm256_mul_ps(dots16_for(heads, a.queries.data() + g0 * dim, dim, k0, k1), scale));
+            for (std::size_t h = 0; h < heads; ++h) {
+                float* row = s.scores + (g0 + h) * n + j;
+                row[0] = lanes[2 * h];
+                if (pair) row[1] = lanes[2 * h + 1];
+            }
+        }
+    }
+}
+
+KVSPARSE_AVX512 inline void softmax_avx512(float* scores, std::size_t group, std::size_t n) {
+    for (std::size_t g = 0; g < group; ++g) {
+        float* row = scores + g * n;
+        std::size_t j = 0;
+        __m512 top16 = _mm512_set1_ps(row[0]);
+        for (; j + 16 <= n; j += 16) top16 = _mm512_max_ps(top16, _mm512_loadu_ps(row + j));
+        float top = _mm512_reduce_max_ps(top16);
+        for (; j < n; ++j) top = std::max(top, row[j]);
+
+        const __m512 shift = _mm512_set1_ps(top);
+        __m512 total = _mm512_setzero_ps();
+        j = 0;
+        for (; j + 16 <= n; j += 16) {
+            const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+            _mm512_storeu_ps(row + j, e);
+            total = _mm512_add_ps(total, e);
+        }
+        float sum = sum8(fold16(total));
+        for (; j < n; ++j) {
+            row[j] = exp_nonpositive(row[j] - top);
+            sum += row[j];
+        }
+        const float inverse = 1.0f / sum;
+        const __m512 inverse16 = _mm512_set1_ps(inverse);
+        j = 0;
+        for (; j + 16 <= n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse16));
+        for (; j < n; ++j) row[j] *= inverse;
+    }
+}
+
+/// out[h][d0 .. d0 + 16*Width) += sum over the block's rows j of p[h][j] * v_j[...], for `Heads` heads.
+template <int Heads, int Width, storage_type T>
+KVSPARSE_AVX512 inline void accumulate16(float* out, std::size_t dim, std::size_t d0, const T* const* rows,
+                                         std::size_t count, const float* p, std::size_t n) {
+    __m512 acc[Heads][Width];
+    for (int h = 0; h < Heads; ++h)
+        for (int w = 0; w < Width; ++w) acc[h][w] = _mm512_loadu_ps(out + static_cast<std::size_t>(h) * dim + d0 + 16 * w);
+    for (std::size_t j = 0; j < count; ++j) {
+        __m512 v[Width];
+        for (int w = 0; w < Width; ++w) v[w] = load16(rows[j] + d0 + 16 * w);
+        for (int h = 0; h < Heads; ++h) {
+            const __m512 ph = _mm512_set1_ps(p[static_cast<std::size_t>(h) * n + j]);
+            for (int w = 0; w < Width; ++w) acc[h][w] = _mm512_fmadd_ps(ph, v[w], acc[h][w]);
+        }
+    }
+    for (int h = 0; h < Heads; ++h)
+        for (int w = 0; w < Width; ++w) _mm512_storeu_ps(out + static_cast<std::size_t>(h) * dim + d0 + 16 * w, acc[h][w]);
+}
+
+template <int Heads, storage_type T>
+KVSPARSE_AVX512 inline void accumulate16_block(float* out, std::size_t dim, const T* const* rows, std::size_t count,
+                                               const float* p, std::size_t n) {
+    std::size_t d = 0;
+    for (; d + 64 <= dim; d += 64) accumulate16<Heads, 4>(out, dim, d, rows, count, p, n);
+    for (; d + 32 <= dim; d += 32) accumulate16<Heads, 2>(out, dim, d, rows, count, p, n);
+    if (d < dim) accumulate16<Heads, 1>(out, dim, d, rows, count, p, n);
+}
+
+template <storage_type T>
+KVSPARSE_AVX512 void value_pass_avx512(const AttendArgs<T>& a, Scratch s) {
+    const std::size_t n = a.slots.size();
+    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
+    const std::size_t group = static_cast<std::size_t>(a.group);
+    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
+    const std::size_t row_bytes = dim * sizeof(T);
+    constexpr std::size_t block = 32;
+    const T* rows[block];
+    for (std::size_t j0 = 0; j0 < n; j0 += block) {
+        const std::size_t count = std::min(block, n - j0);
+        for (std::size_t i = 0; i < count; ++i) rows[i] = values(a.slots[j0 + i]);
+        for (std::size_t i = 0; i < count && j0 + block + i < n; ++i) prefetch_row(values(a.slots[j0 + block + i]), row_bytes);
+        for (std::size_t g0 = 0; g0 < group; g0 += 4) {
+            const std::size_t heads = std::min<std::size_t>(4, group - g0);
+            float* out = a.out.data() + g0 * dim;
+            const float* p = s.scores + g0 * n + j0;
+            switch (heads) {
+                case 1: accumulate16_block<1>(out, dim, rows, count, p, n); break;
+                case 2: accumulate16_block<2>(out, dim, rows, count, p, n); break;
+                case 3: accumulate16_block<3>(out, dim, rows, count, p, n); break;
+                default: accumulate16_block<4>(out, dim, rows, count, p, n); break;
+            }
+        }
+    }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#undef KVSPARSE_AVX512
+
 #endif  // KVSPARSE_CPU_X86
 
 // ---- entry -------------------------------------------------------------------------------------------
+
+/// The kernels, widest first. attend takes the widest this CPU runs for the call's shape; tests ask each.
+enum class Isa : std::uint8_t { avx512, avx2, portable };
+
+/// Runs one call's passes (scores, softmax, values into a zeroed a.out) with `isa`; false, doing nothing,
+/// where this CPU or the call's shape cannot (AVX2: head_dim % 8 == 0; AVX-512: head_dim % 16 == 0 and no
+/// in-cache key rotation).
+template <storage_type T>
+bool attend_with(Isa isa, const AttendArgs<T>& a, Scratch s) {
+    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
+    const std::size_t group = static_cast<std::size_t>(a.group);
+    const std::size_t n = a.slots.size();
+    switch (isa) {
+#if KVSPARSE_CPU_X86
+        case Isa::avx512:
+            if (dim % 16 != 0 || !a.key_rotation.empty() || !has_avx512f()) return false;
+            score_pass_avx512(a, s);
+            softmax_avx512(s.scores, group, n);
+            value_pass_avx512(a, s);
+            return true;
+        case Isa::avx2:
+            if (dim % 8 != 0 || !has_avx2_fma_f16c()) return false;
+            score_pass_avx2(a, s);  // also the in-cache rotation path
+            softmax_avx2(s.scores, group, n);
+            value_pass_avx2(a, s);
+            return true;
+#else
+        case Isa::avx512:
+        case Isa::avx2:
+            return false;
+#endif
+        case Isa::portable:
+            attend_portable(a, s);
+            return true;
+    }
+    return false;
+}
 
 /// Softmax attention of a.group query heads over a.slots (see AttendArgs); `workspace` holds at least
 /// CpuBackend::workspace_bytes(group, slots, head_dim) bytes.
@@ -484,15 +761,7 @@ void attend(const AttendArgs<T>& a, std::span<std::byte> workspace) {
     std::fill(a.out.begin(), a.out.end(), 0.0f);
     if (n == 0) return;
     const Scratch scratch = carve(workspace, group, n, dim);
-#if KVSPARSE_CPU_X86
-    if (dim % 8 == 0 && has_avx2_fma_f16c()) {
-        attend_avx2(a, scratch);
-    } else {
-        attend_portable(a, scratch);
-    }
-#else
-    attend_portable(a, scratch);
-#endif
+    if (!attend_with(Isa::avx512, a, scratch) && !attend_with(Isa::avx2, a, scratch)) attend_with(Isa::portable, a, scratch);
     // The group's summed probabilities, on request (H2O's accumulated attention).
     if (!a.probabilities.empty()) {
         for (std::size_t j = 0; j < n; ++j) {

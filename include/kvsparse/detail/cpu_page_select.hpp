@@ -12,6 +12,7 @@
 #include <span>
 #include <type_traits>
 
+#include "kvsparse/detail/cpu_page_scores_simd.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/key_bounds.hpp"
 
@@ -79,8 +80,8 @@ inline void add_page_row(const float* q, const float* lo, const float* hi, std::
 /// The fixed lanes let the compiler vectorize the loop without reassociating anything. Each page's
 /// bounds are widened to float once per batch of up to 64 query rows, in chunks of 128 elements.
 template <class T>
-void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries, std::int32_t rows,
-                 GqaAggregation mode, std::span<float> scores) {
+void page_scores_portable(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries,
+                          std::int32_t rows, GqaAggregation mode, std::span<float> scores) {
     using Stored = std::remove_const_t<T>;
     constexpr std::size_t lanes = 8, chunk = 128, batch = 64;
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
@@ -124,6 +125,14 @@ void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const
         }
         if (mode != GqaAggregation::per_query_head) scores[static_cast<std::size_t>(i)] = aggregate;
     }
+}
+
+/// The same, with AVX-512 or AVX2 where the CPU has them (detail/cpu_page_scores_simd.hpp: the same
+/// numbers bit for bit), else the loop above.
+template <class T>
+void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries, std::int32_t rows,
+                 GqaAggregation mode, std::span<float> scores) {
+    if (!cpu::page_scores_simd(bounds, pages, queries, rows, mode, scores)) page_scores_portable(bounds, pages, queries, rows, mode, scores);
 }
 
 /// Top-k with the tie rule; see CpuBackend::top_pages.

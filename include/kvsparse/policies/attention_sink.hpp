@@ -52,6 +52,14 @@ public:
         return position < config_.sinks || position > newest - config_.window;
     }
 
+    /// S_t = [0, min(S, t+1)) ∪ [max(S, t-W+1), t] as position ranges (empty ranges left out).
+    PrefillRanges attended_ranges(std::int32_t t) const {
+        PrefillRanges result;
+        result.add(0, std::min(config_.sinks, t + 1));
+        result.add(std::max(config_.sinks, t - config_.window + 1), t + 1);
+        return result;
+    }
+
     /// S_t = [0, min(S, t+1)) ∪ [max(S, t-W+1), t], in ascending position order.
     std::int32_t select(const StreamState& stream, std::span<const float> /*queries*/,
                         std::span<std::int32_t> slots) const {

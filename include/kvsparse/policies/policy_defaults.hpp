@@ -4,15 +4,16 @@
 
 #include <cstdint>
 
+#include "kvsparse/stream.hpp"
+
 namespace kvsparse {
 
 struct policy_defaults {
     /// Every stored token survives a prefill.
-    bool retain(const struct StreamState&, std::int32_t /*slot*/) const { return true; }
-    /// Prefill is dense causal.
-    bool prefill_visible(std::int32_t /*layer*/, std::int32_t /*kv_head*/, std::int32_t /*query_position*/,
-                         std::int32_t /*key_position*/) const {
-        return true;
+    bool retain(const StreamState&, std::int32_t /*slot*/) const { return true; }
+    /// Prefill is dense causal: one range [0, query_position].
+    PrefillRanges prefill_ranges(std::int32_t /*layer*/, std::int32_t /*kv_head*/, std::int32_t query_position) const {
+        return PrefillRanges::causal(query_position);
     }
     /// Keys keep their absolute rotation.
     bool rotates_in_cache() const { return false; }
@@ -22,6 +23,8 @@ struct policy_defaults {
     bool accumulates_attention() const { return false; }
     /// No per-page key bounds are kept (StreamState::bounds stays empty).
     std::int32_t bounds_page_size(std::int32_t /*layer*/, std::int32_t /*kv_head*/) const { return 0; }
+    /// No per-stream memo (StreamState::memo stays empty).
+    std::int32_t memo_size(std::int32_t /*layer*/, std::int32_t /*kv_head*/, std::int32_t /*group*/) const { return 0; }
 };
 
 }  // namespace kvsparse

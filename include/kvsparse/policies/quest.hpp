@@ -184,17 +184,31 @@ private:
 
     /// Scores pages [0, n - 1) (the last page is always read) into bounds.scores.
     void score(const StreamState& stream, std::span<const float> queries, std::int32_t rows, GqaAggregation mode) const {
-        const KeyBoundsView& b = stream.bounds;
         const std::int32_t n = pages_for(stream.next_position);
-        detail::require(b.page_size == config_.page_size && b.pages >= n - 1, "bounds.pages", b.pages,
+        detail::require(stream.bounds.order.size() >= static_cast<std::size_t>(n), "bounds.order", stream.bounds.order.size(),
+                        "scratch too small (see scratch_sizes)");
+        score_pages(stream, queries, rows, mode, n - 1);
+    }
+
+public:
+    /// The building block of the selection, for policies that compose it (LServeHybrid): upper-bound
+    /// scores U of the stream's pages [0, pages) for `queries` [rows][head_dim] into stream.bounds.scores,
+    /// aggregated over the rows by `mode` (`per_query_head`: row r's scores at [r * pages, (r + 1) * pages)).
+    void score_pages(const StreamState& stream, std::span<const float> queries, std::int32_t rows, GqaAggregation mode,
+                     std::int32_t pages) const {
+        const KeyBoundsView& b = stream.bounds;
+        detail::require(b.page_size == config_.page_size && b.pages >= pages, "bounds.pages", b.pages,
                         "the stream keeps no key bounds of this page size for its tokens");
         detail::require(b.head_dim > 0 && queries.size() == static_cast<std::size_t>(rows) * static_cast<std::size_t>(b.head_dim),
                         "queries.size()", queries.size(), "must be rows * bounds.head_dim");
         const std::size_t rows_scored = mode == GqaAggregation::per_query_head ? static_cast<std::size_t>(rows) : 1;
-        detail::require(b.scores.size() >= rows_scored * static_cast<std::size_t>(n) && b.order.size() >= static_cast<std::size_t>(n),
-                        "bounds.scores", b.scores.size(), "scratch too small (see scratch_sizes)");
-        visit_bounds(b, [&](const auto& typed) { CpuBackend::page_scores(typed, n - 1, queries, rows, mode, b.scores); });
+        detail::require(b.scores.size() >= rows_scored * static_cast<std::size_t>(std::max(pages, 0)), "bounds.scores",
+                        b.scores.size(), "scratch too small (see scratch_sizes)");
+        if (pages <= 0) return;
+        visit_bounds(b, [&](const auto& typed) { CpuBackend::page_scores(typed, pages, queries, rows, mode, b.scores); });
     }
+
+private:
 
     /// Row `r` of the scores: the top K - 1 of pages [0, n - 1), then the last page; ascending, in
     /// bounds.order.

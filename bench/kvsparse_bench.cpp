@@ -1,0 +1,427 @@
+// kvsparse-bench: CPU cost of a decode step for each policy at a Llama-3-8B layer shape (32 query heads,
+// 8 KV heads, head dimension 128, float16 storage, page 16), next to a STREAM-style copy measured in the
+// same run, so every result is also a fraction of the machine's memory bandwidth. docs/benchmarks.md has
+// the results and the commands.
+//
+//   Copy/<bytes>               memcpy between two buffers, split over the backend's threads.
+//                              bytes_per_second: bytes read plus bytes written per second of wall time
+//                              (STREAM's convention).
+//   Decode/<policy>/<context>  one decode attention of one layer at `context` tokens: KVCache::attend, i.e.
+//                              the policy's selection and the attention over it. The benchmark's time is
+//                              this step. The step cycles over enough layers that their K/V and metadata
+//                              exceed the last-level cache several times, so every step reads from memory
+//                              as in a real model (whose other layers run in between). Counters:
+//                                select_ns           KVCache::select alone (same layers, same data)
+//                                attend_ns           the rest of the step (step time - select_ns)
+//                                bytes_read          K/V rows attended + policy metadata the step reads
+//                                bandwidth_fraction  bytes_read / step time / copy bandwidth of this run
+//   Append/<policy>/<context>  one decode append (8 KV heads of one layer) with the policy's placement,
+//                              eviction and metadata update.
+//   H2OUpdate/<context>        H2O's per-step eviction choice over its budget, for all 8 KV heads (the
+//                              score accumulation itself is fused into attention, so it is in
+//                              Decode/h2o).
+//
+// Adding a policy is one line in register_policies(). The copy bandwidth every bandwidth_fraction divides
+// by is measured once at start-up (best of 12 copies of 256 MiB on all threads) and is in the JSON
+// context as copy_bytes_per_second. When --benchmark_min_time is not given, 0.2 s is used. --threads=N
+// runs the copy and the cache on N threads (default: the hardware's, CpuBackend's default).
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kvsparse/detail/thread_pool.hpp>
+#include <kvsparse/kvsparse.hpp>
+#include <kvsparse/policies/lserve.hpp>
+#include <kvsparse/policies/quest.hpp>
+
+namespace {
+
+using namespace kvsparse;
+using Storage = half;
+using Clock = std::chrono::steady_clock;
+
+// ---- shape -------------------------------------------------------------------------------------------
+
+constexpr std::int32_t q_heads = 32;
+constexpr std::int32_t kv_heads = 8;
+constexpr std::int32_t head_dim = 128;
+constexpr std::int32_t page_size = 16;
+constexpr std::int32_t token_budget = 2048;  // every sparse policy reads about this many tokens per step
+constexpr std::int64_t decode_contexts[] = {4096, 8192, 16384, 32768, 65536, 131072, 262144};
+constexpr std::int64_t small_contexts[] = {4096, 32768};  // where the cost does not grow with the context
+constexpr std::int64_t mib = std::int64_t{1} << 20;
+constexpr std::int64_t token_bytes = 2 * head_dim * static_cast<std::int64_t>(sizeof(Storage));  // K + V row
+/// Bytes the layers a Decode benchmark cycles over must read in all: twice the largest last-level cache
+/// expected, so a layer's data is gone from the caches when its turn comes again.
+constexpr std::int64_t cold_bytes = 64 * mib;
+constexpr std::int32_t max_layers = 16;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+/// The benchmarks' threads, the copy's as the attention's: CpuBackend's default (the hardware's) unless
+/// --threads=N says otherwise.
+int threads = detail::ThreadPool::default_threads();
+
+detail::ThreadPool& pool() {
+    static detail::ThreadPool instance(threads);
+    return instance;
+}
+
+// ---- copy bandwidth ----------------------------------------------------------------------------------
+
+struct Buffer {
+    std::unique_ptr<std::byte[]> data;
+    std::int64_t bytes = 0;
+
+    explicit Buffer(std::int64_t n) : data(new std::byte[static_cast<std::size_t>(n)]), bytes(n) {
+        // First touch on the threads that later use the memory.
+        pool().parallel_for(pool().size(), [&](std::int64_t t) {
+            const auto [begin, end] = share(t);
+            std::memset(data.get() + begin, 1, static_cast<std::size_t>(end - begin));
+        });
+    }
+    /// Bytes [begin, end) of thread t's part, cache-line aligned.
+    std::pair<std::int64_t, std::int64_t> share(std::int64_t t) const {
+        const std::int64_t threads = pool().size();
+        const std::int64_t part = (bytes / threads + 63) / 64 * 64;
+        return {std::min(bytes, t * part), std::min(bytes, (t + 1) * part)};
+    }
+};
+
+/// One STREAM-style copy of `from` into `to`, every thread copying its share.
+void copy(const Buffer& from, Buffer& to) {
+    pool().parallel_for(pool().size(), [&](std::int64_t t) {
+        const auto [begin, end] = from.share(t);
+        std::memcpy(to.data.get() + begin, from.data.get() + begin, static_cast<std::size_t>(end - begin));
+    });
+}
+
+/// Copy bandwidth (bytes read + bytes written per second), best of 12 copies of 256 MiB; measured once.
+double copy_bandwidth() {
+    static const double measured = [] {
+        constexpr std::int64_t bytes = 256 * mib;
+        Buffer a(bytes), b(bytes);
+        double best = std::numeric_limits<double>::max();
+        for (int rep = 0; rep < 12; ++rep) {
+            const auto start = Clock::now();
+            copy(rep % 2 ? b : a, rep % 2 ? a : b);
+            best = std::min(best, seconds_since(start));
+        }
+        return 2.0 * static_cast<double>(bytes) / best;
+    }();
+    return measured;
+}
+
+void BM_Copy(benchmark::State& state, std::int64_t bytes) {
+    Buffer a(bytes), b(bytes);
+    const auto start = Clock::now();
+    for (auto _ : state) {
+        copy(a, b);
+        benchmark::ClobberMemory();
+    }
+    // Over wall time: Google Benchmark's own rates divide by the main thread's CPU time.
+    const double seconds = seconds_since(start);
+    state.counters["bytes_per_second"] = 2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / seconds;
+    state.counters["threads"] = static_cast<double>(pool().size());
+}
+
+// ---- synthetic caches ----------------------------------------------------------------------------------
+
+/// Uniform floats in [-1, 1) (splitmix64): fast and reproducible.
+struct Random {
+    std::uint64_t state;
+    float next() {
+        std::uint64_t x = (state += 0x9e3779b97f4a7c15ull);
+        x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+        x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+        x ^= x >> 31;
+        return static_cast<float>(static_cast<double>(x >> 40) * 0x1p-23 - 1.0);
+    }
+    void fill(std::vector<float>& v) {
+        for (float& x : v) x = next();
+    }
+};
+
+/// A cache of `layers` layers holding one sequence of `context` tokens (decode appends of random keys and
+/// values), one random query per layer, room for `extra` more tokens per layer.
+template <class Policy>
+struct Filled {
+    std::int32_t layers;
+    KVCache<Policy, CpuBackend, Storage> cache;
+    SequenceId seq;
+    std::vector<std::vector<float>> queries;
+    std::vector<float> out;
+
+    static std::int32_t pool_pages(const Policy& policy, std::int32_t layers, std::int64_t tokens) {
+        std::int64_t pages = 0;
+        for (std::int32_t l = 0; l < layers; ++l) {
+            for (std::int32_t h = 0; h < kv_heads; ++h) {
+                const std::int64_t held = std::min<std::int64_t>(tokens, policy.capacity(l, h));
+                pages += (held + page_size - 1) / page_size + 1;
+            }
+        }
+        return static_cast<std::int32_t>(pages);
+    }
+
+    Filled(const Policy& policy, std::int32_t layers_, std::int64_t context, std::int64_t extra = 0)
+        : layers(layers_),
+          cache(CacheConfig{.shape = {layers_, q_heads, kv_heads, head_dim},
+                            .page_size = page_size,
+                            .num_pages = pool_pages(policy, layers_, context + extra)},
+                policy, CpuBackend({.threads = threads})),
+          seq(cache.add_sequence()),
+          out(static_cast<std::size_t>(q_heads * head_dim)) {
+        Random random{0x5eed0000u + static_cast<std::uint64_t>(context)};
+        constexpr std::int64_t chunk = 1024;
+        std::vector<float> keys, values;
+        for (std::int32_t layer = 0; layer < layers; ++layer) {
+            for (std::int64_t done = 0; done < context; done += chunk) {
+                const std::int64_t n = std::min(chunk, context - done);
+                keys.resize(static_cast<std::size_t>(n * kv_heads * head_dim));
+                values.resize(keys.size());
+                random.fill(keys);
+                random.fill(values);
+                cache.append(seq, layer, keys, values);
+            }
+            queries.emplace_back(out.size());
+            random.fill(queries.back());
+        }
+    }
+
+    /// Bytes a decode step of `layer` reads: the K/V rows of every selected set, plus the policy's metadata:
+    /// per-page key bounds (two vectors per page, in the storage type) and accumulated scores (a float per
+    /// held token, read and written back by the fused accumulation).
+    std::int64_t step_bytes(std::int32_t layer, Selection& selection) {
+        cache.select(seq, layer, queries[static_cast<std::size_t>(layer)], selection);
+        std::int64_t bytes = static_cast<std::int64_t>(selection.slots.size()) * token_bytes;
+        const Policy& policy = cache.policy();
+        for (std::int32_t h = 0; h < kv_heads; ++h) {
+            const StreamState s = cache.stream_state(seq, layer, h);
+            const std::int32_t bounds_page = policy.bounds_page_size(layer, h);
+            if (bounds_page > 0) {
+                const std::int64_t pages = (static_cast<std::int64_t>(s.positions.size()) + bounds_page - 1) / bounds_page;
+                bytes += pages * token_bytes;
+            }
+            if (policy.accumulates_attention()) bytes += std::int64_t{s.held} * static_cast<std::int64_t>(sizeof(float));
+        }
+        return bytes;
+    }
+};
+
+/// Filling a long context takes seconds, and Google Benchmark calls a benchmark several times while it
+/// settles the iteration count: the last cache built stays until one with another key is asked for.
+struct FixtureSlot {
+    std::string key;
+    std::shared_ptr<void> object;  // one fixture alive at a time, whatever its policy
+};
+FixtureSlot& fixture_slot() {
+    static FixtureSlot slot;
+    return slot;
+}
+
+template <class Policy>
+Filled<Policy>& fixture(const std::string& key, const Policy& policy, std::int32_t layers, std::int64_t context,
+                        std::int64_t extra = 0) {
+    FixtureSlot& slot = fixture_slot();
+    if (slot.key != key || !slot.object) {
+        slot.object.reset();
+        slot.object = std::make_shared<Filled<Policy>>(policy, layers, context, extra);
+        slot.key = key;
+    }
+    return *static_cast<Filled<Policy>*>(slot.object.get());
+}
+
+// ---- decode ------------------------------------------------------------------------------------------
+
+/// make(layers) gives the policy for a cache of that many layers (LServe's head kinds are per layer).
+template <class Make>
+using PolicyOf = std::invoke_result_t<const Make&, std::int32_t>;
+
+template <class Make>
+void BM_Decode(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
+    using Policy = PolicyOf<Make>;
+    // Layers: enough that one pass over them reads cold_bytes. The bytes of one step come from a one-layer
+    // probe (the same data as layer 0 of the real fixture), once per benchmark.
+    static std::map<std::string, std::int64_t> probed;
+    const std::string key = name + "/" + std::to_string(context);
+    if (!probed.contains(key)) {
+        Filled<Policy> probe(make(1), 1, context);
+        Selection selection;
+        probed[key] = probe.step_bytes(0, selection);
+    }
+    const std::int64_t bytes_per_step = probed[key];
+    const auto layers = static_cast<std::int32_t>(
+        std::clamp<std::int64_t>((cold_bytes + bytes_per_step - 1) / bytes_per_step, 1, max_layers));
+    Filled<Policy>& f = fixture("decode/" + key, make(layers), layers, context);
+
+    Selection selection;
+    std::int64_t bytes = 0, tokens = 0;
+    for (std::int32_t l = 0; l < layers; ++l) {
+        bytes += f.step_bytes(l, selection);
+        tokens += static_cast<std::int64_t>(selection.slots.size());
+        f.cache.attend(f.seq, l, f.queries[static_cast<std::size_t>(l)], f.out);  // scratch grows once
+    }
+
+    std::int32_t layer = 0;
+    const auto start = Clock::now();
+    for (auto _ : state) {
+        f.cache.attend(f.seq, layer, f.queries[static_cast<std::size_t>(layer)], f.out);
+        benchmark::DoNotOptimize(f.out.data());
+        layer = layer + 1 == layers ? 0 : layer + 1;
+    }
+    const double step = seconds_since(start) / static_cast<double>(state.iterations());
+
+    // The selection alone, over the same cycle of layers.
+    const std::int64_t selects = std::max<std::int64_t>(layers, std::min<std::int64_t>(state.iterations(), 4 * layers));
+    const auto select_start = Clock::now();
+    for (std::int64_t i = 0; i < selects; ++i) {
+        const auto l = static_cast<std::size_t>(i % layers);
+        f.cache.select(f.seq, static_cast<std::int32_t>(l), f.queries[l], selection);
+        benchmark::DoNotOptimize(selection.slots.data());
+    }
+    const double select = std::min(seconds_since(select_start) / static_cast<double>(selects), step);
+
+    const double mean_bytes = static_cast<double>(bytes) / layers;
+    state.counters["select_ns"] = select * 1e9;
+    state.counters["attend_ns"] = (step - select) * 1e9;
+    state.counters["bytes_read"] = mean_bytes;
+    state.counters["bandwidth_fraction"] = mean_bytes / step / copy_bandwidth();
+    state.counters["tokens_read"] = static_cast<double>(tokens) / layers;
+    state.counters["layers"] = layers;
+    state.counters["threads"] = static_cast<double>(pool().size());
+}
+
+// ---- append and H2O update -----------------------------------------------------------------------------
+
+constexpr std::int64_t append_room = 16384;  // tokens appended before the cache is put back to `context`
+
+template <class Make>
+void BM_Append(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
+    using Policy = PolicyOf<Make>;
+    const Filled<Policy>& pristine = fixture("append/" + name + "/" + std::to_string(context), make(1), 1, context, append_room);
+    auto f = std::make_unique<Filled<Policy>>(pristine);
+    Random random{0xa99e9du};
+    std::vector<float> key(static_cast<std::size_t>(kv_heads * head_dim)), value(key.size());
+    random.fill(key);
+    random.fill(value);
+    std::int64_t appended = 0;
+    for (auto _ : state) {
+        if (appended == append_room) {
+            state.PauseTiming();
+            *f = pristine;
+            appended = 0;
+            state.ResumeTiming();
+        }
+        f->cache.append(f->seq, 0, key, value);
+        ++appended;
+        benchmark::ClobberMemory();
+    }
+}
+
+void BM_H2OUpdate(benchmark::State& state, std::int64_t context) {
+    const H2OHeavyHitter policy(token_budget / 2, token_budget / 2);
+    Filled<H2OHeavyHitter>& f = fixture("h2o-update/" + std::to_string(context), policy, 1, context);
+    f.cache.attend(f.seq, 0, f.queries[0], f.out);  // scores that are not all zero
+    for (auto _ : state) {
+        for (std::int32_t h = 0; h < kv_heads; ++h) benchmark::DoNotOptimize(policy.place(f.cache.stream_state(f.seq, 0, h)));
+    }
+}
+
+// ---- registration --------------------------------------------------------------------------------------
+
+/// Decode/<name>/<context> at every context, Append/<name>/<context> at the small ones. make(layers) gives
+/// the policy for a cache of `layers` layers.
+template <class Make>
+void add_policy(const std::string& name, Make make) {
+    for (const std::int64_t context : decode_contexts) {
+        benchmark::RegisterBenchmark(("Decode/" + name + "/" + std::to_string(context)).c_str(),
+                                     [=](benchmark::State& s) { BM_Decode(s, name, make, context); })
+            ->Unit(benchmark::kMicrosecond);
+    }
+    for (const std::int64_t context : small_contexts) {
+        benchmark::RegisterBenchmark(("Append/" + name + "/" + std::to_string(context)).c_str(),
+                                     [=](benchmark::State& s) { BM_Append(s, name, make, context); })
+            ->Unit(benchmark::kMicrosecond);
+    }
+}
+
+/// LServe at the benchmark's budget: every other KV head streams (static sparsity 0.5, sink 64 + local
+/// 512), the others retrieve 2048 tokens in physical pages of 64. A fresh selection every step
+/// (reuse_interval 1): the benchmark repeats one step, so a longer interval would time only reuses; this
+/// is the most a step costs, with interval I only 1 step in I pays for the scoring.
+LServeHybrid lserve(std::int32_t layers) {
+    std::vector<std::vector<bool>> streaming(static_cast<std::size_t>(layers), std::vector<bool>(kv_heads));
+    for (auto& row : streaming)
+        for (std::size_t h = 0; h < row.size(); h += 2) row[h] = true;
+    return LServeHybrid(HeadKinds::from_mask(streaming),
+                        {.sink = 64, .local = 512, .logical_page = page_size, .physical_page = 64,
+                         .token_budget = token_budget, .reuse_interval = 1});
+}
+
+void register_policies() {
+    // One line per policy; every sparse one reads about token_budget tokens per step (per KV head).
+    add_policy("dense", [](std::int32_t) { return Dense{}; });
+    add_policy("window", [](std::int32_t) { return SlidingWindow(token_budget); });
+    add_policy("sink", [](std::int32_t) { return AttentionSink({.sinks = 4, .window = token_budget - 4}); });
+    add_policy("h2o", [](std::int32_t) { return H2OHeavyHitter(token_budget / 2, token_budget / 2); });
+    add_policy("quest", [](std::int32_t) {
+        return QuestPageSelector({.page_size = page_size, .token_budget = token_budget, .dense_layers = 0});
+    });
+    add_policy("lserve", lserve);
+}
+
+void register_all() {
+    for (const std::int64_t bytes : {4 * mib, 256 * mib}) {
+        benchmark::RegisterBenchmark(("Copy/" + std::to_string(bytes)).c_str(),
+                                     [=](benchmark::State& s) { BM_Copy(s, bytes); })
+            ->Unit(benchmark::kMicrosecond);
+    }
+    register_policies();
+    for (const std::int64_t context : small_contexts) {
+        benchmark::RegisterBenchmark(("H2OUpdate/" + std::to_string(context)).c_str(),
+                                     [=](benchmark::State& s) { BM_H2OUpdate(s, context); })
+            ->Unit(benchmark::kMicrosecond);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    // 0.2 s per benchmark unless the command line says otherwise.
+    std::vector<char*> args(argv, argv + argc);
+    std::string min_time = "--benchmark_min_time=0.2";
+    if (std::none_of(args.begin(), args.end(), [](const char* a) { return std::string_view(a).starts_with("--benchmark_min_time"); }))
+        args.insert(args.begin() + 1, min_time.data());
+    // Our own option: --threads=N (default: the hardware's).
+    const auto ours = std::find_if(args.begin(), args.end(), [](const char* a) { return std::string_view(a).starts_with("--threads="); });
+    if (ours != args.end()) {
+        threads = std::max(1, std::atoi(*ours + std::strlen("--threads=")));
+        args.erase(ours);
+    }
+    int count = static_cast<int>(args.size());
+    benchmark::Initialize(&count, args.data());
+    if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
+    register_all();
+    benchmark::AddCustomContext("kvsparse_threads", std::to_string(pool().size()));
+    benchmark::AddCustomContext("kvsparse_shape", "q_heads 32, kv_heads 8, head_dim 128, float16, page 16");
+    benchmark::AddCustomContext("kvsparse_token_budget", std::to_string(token_budget));
+    // The reference of every bandwidth_fraction, measured once before any benchmark runs.
+    benchmark::AddCustomContext("copy_bytes_per_second", std::to_string(copy_bandwidth()));
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
+}
