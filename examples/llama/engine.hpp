@@ -194,19 +194,25 @@ inline EngineSpec parse_engine_spec(std::string_view text) {
     return spec;
 }
 
-/// What the spec table's policies may ask of the model: its shape. (No DuoAttention gate values exist
-/// for llama2.c models, so `alpha` stays empty.)
-inline tools::PolicyContext policy_context(const ModelConfig& model) {
+/// Gate values alpha[layer][kv_head] (LServe's head kinds); empty when none were given.
+using GateValues = std::vector<std::vector<float>>;
+
+/// What the spec table's policies may ask of the model: its shape, and the gate values `alpha` that
+/// lserve specs need. llama2.c models ship none: `kvsparse-llama calibrate-gates` measures them
+/// (gate_calibration.hpp) and `--gates FILE.tsv` passes them here.
+inline tools::PolicyContext policy_context(const ModelConfig& model, const GateValues& alpha = {}) {
     tools::PolicyContext context;
     context.layers = model.layers;
     context.kv_heads = model.kv_heads;
+    context.alpha = alpha;
     return context;
 }
 
 /// The engine for `spec`, sized for sequences of up to `max_tokens` tokens.
-inline std::unique_ptr<Engine> make_engine(const EngineSpec& spec, const Model& model, std::int32_t max_tokens) {
+inline std::unique_ptr<Engine> make_engine(const EngineSpec& spec, const Model& model, std::int32_t max_tokens,
+                                           const GateValues& alpha = {}) {
     if (!spec.policy) return std::make_unique<RecomputeEngine>(model, spec.recompute_window);
-    const tools::AnyPolicy policy = tools::make_policy(*spec.policy, policy_context(model.config()));
+    const tools::AnyPolicy policy = tools::make_policy(*spec.policy, policy_context(model.config(), alpha));
     return std::visit(
         [&](const auto& p) -> std::unique_ptr<Engine> {
             return std::make_unique<CachedEngine<std::decay_t<decltype(p)>>>(model, p, max_tokens);

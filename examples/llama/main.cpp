@@ -5,7 +5,12 @@
 //                             [--temperature X] [--seed S]
 //   kvsparse-llama stream-ppl --model M --tokenizer T --text FILE [--tokens N] [--policy SPEC]...
 //                             [--json FILE] [--csv FILE] [--budget B]... [--last M] [--threads N] [--mass K]
-//   kvsparse-llama dump-trace --model M --tokenizer T --text FILE [--tokens N] --out DIR
+//   kvsparse-llama dump-trace --model M --tokenizer T --text FILE [--tokens N] [--gates FILE.tsv] --out DIR
+//   kvsparse-llama calibrate-gates --model M --tokenizer T --text FILE [--tokens N] [--sink S] [--local W]
+//                             --out FILE.tsv
+//
+// generate and stream-ppl take --gates FILE.tsv too: LServe's gate values alpha[L][Hkv] (DuoAttention's
+// TSV), which lserve specs need; calibrate-gates measures them on a dense run (gate_calibration.hpp).
 //
 // docs/streaming.md describes the commands and the StreamingLLM experiment built on them. The
 // integration itself is engine.hpp; model.hpp and tokenizer.hpp are the model.
@@ -32,6 +37,7 @@
 #include "common/progress.hpp"
 #include "eval/trace.hpp"
 #include "llama/engine.hpp"
+#include "llama/gate_calibration.hpp"
 #include "llama/model.hpp"
 #include "llama/tokenizer.hpp"
 #include "llama/trace_dump.hpp"
@@ -55,6 +61,18 @@ std::string read_text(const std::string& path) {
     return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+/// The gate values of --gates (empty without it), checked against the model's shape.
+GateValues read_gates(const std::string& path, const ModelConfig& c) {
+    if (path.empty()) return {};
+    GateValues alpha = load_gate_values(path);
+    if (alpha.size() != static_cast<std::size_t>(c.layers) || alpha.front().size() != static_cast<std::size_t>(c.kv_heads)) {
+        throw invalid_argument(path + ": gate values are [" + std::to_string(alpha.size()) + "][" +
+                               std::to_string(alpha.front().size()) + "], the model has " + std::to_string(c.layers) +
+                               " layers of " + std::to_string(c.kv_heads) + " KV heads");
+    }
+    return alpha;
+}
+
 /// The first `n` tokens of the file, as llama2.c encodes it (BOS first); fails if it has fewer.
 std::vector<std::int32_t> text_tokens(const Tokenizer& tokenizer, const std::string& path, std::int32_t n) {
     std::vector<std::int32_t> tokens = tokenizer.encode(read_text(path));
@@ -70,7 +88,7 @@ std::vector<std::int32_t> text_tokens(const Tokenizer& tokenizer, const std::str
 
 struct GenerateOptions {
     Common common;
-    std::string prompt, policy = "dense";
+    std::string prompt, policy = "dense", gates;
     double temperature = 0;
     std::uint64_t seed = 0;
 };
@@ -78,11 +96,12 @@ struct GenerateOptions {
 int generate(const GenerateOptions& o) {
     const EngineSpec spec = parse_engine_spec(o.policy);
     const Model model = Model::load(o.common.model);
+    const GateValues alpha = read_gates(o.gates, model.config());
     const Tokenizer tokenizer = Tokenizer::load(o.common.tokenizer, model.config().vocab);
     std::vector<std::int32_t> tokens = tokenizer.encode(o.prompt);
     // The sequence ends at --tokens positions, BOS included (llama2.c's -n); a longer prompt is fed whole.
     const std::int32_t total = std::max(o.common.tokens, static_cast<std::int32_t>(tokens.size()));
-    const std::unique_ptr<Engine> engine = make_engine(spec, model, total);
+    const std::unique_ptr<Engine> engine = make_engine(spec, model, total, alpha);
     std::mt19937_64 rng(o.seed);
 
     // The prompt is printed as its tokens are fed, then each sampled token as it is produced.
@@ -120,7 +139,7 @@ int generate(const GenerateOptions& o) {
 
 struct StreamOptions {
     Common common;
-    std::string text, json, csv;
+    std::string text, json, csv, gates;
     std::vector<std::string> policies;
     std::vector<int> budgets;
     int threads = tools::default_threads();
@@ -140,7 +159,8 @@ struct StreamResult {
 
 int stream_ppl(const StreamOptions& o) {
     // Specs first: a typo fails before the model loads. --budget B adds the shared default comparison at
-    // B tokens (every policy in the spec table, so policies added later join without changes here).
+    // B tokens (every policy in the spec table, so policies added later join without changes here; lserve
+    // joins when --gates gives the gate values it needs).
     std::vector<EngineSpec> specs;
     std::vector<StreamResult> results;
     const auto add = [&](const std::string& text, std::optional<int> budget) {
@@ -155,18 +175,19 @@ int stream_ppl(const StreamOptions& o) {
         results.push_back(std::move(result));
     };
     for (const int budget : o.budgets) {
-        for (const std::string& text : tools::default_policy_specs(budget, true)) add(text, budget);
+        for (const std::string& text : tools::default_policy_specs(budget, true, !o.gates.empty())) add(text, budget);
     }
     for (const std::string& text : o.policies) add(text, std::nullopt);
     if (specs.empty()) add("dense", std::nullopt);
 
     const Model model = Model::load(o.common.model);
+    const GateValues alpha = read_gates(o.gates, model.config());
     // Every policy is built once before the run: a default spec that cannot be built for this model (a
     // policy that needs what the model lacks) is skipped with a note; an explicit --policy is an error.
     for (std::size_t i = 0; i < specs.size();) {
         if (specs[i].policy) {
             try {
-                tools::make_policy(*specs[i].policy, policy_context(model.config()));
+                tools::make_policy(*specs[i].policy, policy_context(model.config(), alpha));
             } catch (const invalid_argument& e) {
                 if (!results[i].budget) throw;
                 fmt::print(stderr, "kvsparse-llama: skipping default spec: {}\n", e.what());
@@ -187,7 +208,7 @@ int stream_ppl(const StreamOptions& o) {
     tools::ProgressBar bar("stream-ppl", static_cast<std::int64_t>(specs.size()) * steps);
     tools::parallel_for(static_cast<std::int64_t>(specs.size()), o.threads, [&](std::int64_t i) {
         StreamResult& r = results[static_cast<std::size_t>(i)];
-        const std::unique_ptr<Engine> engine = make_engine(specs[static_cast<std::size_t>(i)], model, n);
+        const std::unique_ptr<Engine> engine = make_engine(specs[static_cast<std::size_t>(i)], model, n, alpha);
         if (o.mass > 0) engine->measure_mass(o.mass, segment_tokens);
         for (std::int32_t t = 0; t < first; ++t) {
             engine->feed(tokens[static_cast<std::size_t>(t)]);
@@ -251,6 +272,7 @@ int stream_ppl(const StreamOptions& o) {
         j["text"] = o.text;
         j["segment_tokens"] = segment_tokens;
         j["threads"] = o.threads;
+        if (!o.gates.empty()) j["gates"] = o.gates;
         j["policies"] = nlohmann::json::array();
         for (const StreamResult& r : results) {
             nlohmann::json p{{"spec", r.spec},
@@ -286,22 +308,54 @@ int stream_ppl(const StreamOptions& o) {
 
 struct DumpOptions {
     Common common;
-    std::string text, out;
+    std::string text, out, gates;
 };
 
 int dump_trace(const DumpOptions& o) {
     const Model model = Model::load(o.common.model);
+    const GateValues alpha = read_gates(o.gates, model.config());
     const Tokenizer tokenizer = Tokenizer::load(o.common.tokenizer, model.config().vocab);
     const std::int32_t n = o.common.tokens;
     const std::vector<std::int32_t> tokens = text_tokens(tokenizer, o.text, n);
 
     tools::ProgressBar bar("dump-trace", n);
-    const tools::Trace trace = record_trace(model, tokens, [&] { bar.advance(); });
+    tools::Trace trace = record_trace(model, tokens, [&] { bar.advance(); });
     bar.finish();
+    trace.alpha = alpha;  // meta.json "alpha": kvsparse-eval then builds lserve specs
     const ModelConfig& c = model.config();
     tools::save_trace(trace, o.out);
-    fmt::print("{}: q [{}, {}, {}, {}], k and v [{}, {}, {}, {}] float32, meta.json prefill 1\n", o.out, c.layers, n,
-               c.heads, c.head_dim(), c.layers, n, c.kv_heads, c.head_dim());
+    fmt::print("{}: q [{}, {}, {}, {}], k and v [{}, {}, {}, {}] float32, meta.json prefill 1{}\n", o.out, c.layers, n,
+               c.heads, c.head_dim(), c.layers, n, c.kv_heads, c.head_dim(), alpha.empty() ? "" : " and alpha");
+    return 0;
+}
+
+// ---- calibrate-gates -------------------------------------------------------------------------------------
+
+struct CalibrateOptions {
+    Common common;
+    std::string text, out;
+    int sink = 4, local = 124;
+};
+
+int calibrate(const CalibrateOptions& o) {
+    const Model model = Model::load(o.common.model);
+    const Tokenizer tokenizer = Tokenizer::load(o.common.tokenizer, model.config().vocab);
+    const std::int32_t n = o.common.tokens;
+    if (n <= o.sink + o.local) {
+        throw invalid_argument("--tokens " + std::to_string(n) + " leaves no query past --sink " + std::to_string(o.sink) +
+                               " + --local " + std::to_string(o.local));
+    }
+    const std::vector<std::int32_t> tokens = text_tokens(tokenizer, o.text, n);
+    tools::ProgressBar bar("calibrate-gates", n);
+    const GateValues alpha = calibrate_gates(model, tokens, o.sink, o.local, [&] { bar.advance(); });
+    bar.finish();
+    const std::string tsv = gate_values_tsv(alpha);
+    std::ofstream out(o.out, std::ios::binary);
+    out << tsv;
+    if (!out) throw format_error(o.out + ": write failed");
+    fmt::print("{}: gate values [{}][{}], attention mass outside positions [0, {}) and the last {}, mean over the\n"
+               "group's query heads and queries {}..{} of {}:\n{}",
+               o.out, alpha.size(), alpha.front().size(), o.sink, o.local, o.sink + o.local, n - 1, o.text, tsv);
     return 0;
 }
 
@@ -333,6 +387,8 @@ int main(int argc, char** argv) {
         ->capture_default_str()
         ->check(CLI::Range(0.0, 100.0));
     g->add_option("--seed", gen.seed, "Random seed for sampling")->type_name("S")->capture_default_str();
+    g->add_option("--gates", gen.gates, "LServe gate values alpha[L][Hkv] (TSV, from calibrate-gates): lserve specs need them")
+        ->type_name("FILE.tsv");
     g->footer(policies);
 
     StreamOptions st;
@@ -352,6 +408,8 @@ int main(int argc, char** argv) {
         ->type_name("N")
         ->capture_default_str()
         ->check(CLI::Range(1, 1024));
+    s->add_option("--gates", st.gates, "LServe gate values alpha[L][Hkv] (TSV, from calibrate-gates): lserve specs need them")
+        ->type_name("FILE.tsv");
     s->add_option("--mass", st.mass, "Also measure the attention mass on positions [0, K) per layer")
         ->type_name("K")
         ->check(CLI::Range(1, 1 << 24));
@@ -362,11 +420,30 @@ int main(int argc, char** argv) {
     add_common(d, du.common, 2048);
     d->add_option("--text", du.text, "Text file")->required()->type_name("FILE");
     d->add_option("--out", du.out, "Trace directory (created)")->required()->type_name("DIR");
+    d->add_option("--gates", du.gates, "Gate values (TSV) to write into meta.json as \"alpha\"")->type_name("FILE.tsv");
+
+    CalibrateOptions ca;
+    CLI::App* c = app.add_subcommand("calibrate-gates",
+                                     "Measure LServe gate values alpha[L][Hkv] on a dense run and write them as TSV");
+    add_common(c, ca.common, 512);
+    c->add_option("--text", ca.text, "Text file (calibrate on text disjoint from what is evaluated)")
+        ->required()
+        ->type_name("FILE");
+    c->add_option("--sink", ca.sink, "First positions a streaming head keeps")
+        ->type_name("S")
+        ->capture_default_str()
+        ->check(CLI::Range(0, 1 << 24));
+    c->add_option("--local", ca.local, "Last positions a streaming head keeps")
+        ->type_name("W")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 1 << 24));
+    c->add_option("--out", ca.out, "Gate-value TSV to write (one row per layer)")->required()->type_name("FILE.tsv");
 
     CLI11_PARSE(app, argc, argv);
     try {
         if (g->parsed()) return generate(gen);
         if (s->parsed()) return stream_ppl(st);
+        if (c->parsed()) return calibrate(ca);
         return dump_trace(du);
     } catch (const std::exception& e) {
         std::fflush(stdout);

@@ -3,8 +3,8 @@
 
     /usr/bin/python3 examples/llama/streaming_report.py OUT_DIR
 
-Reads OUT_DIR/<text>.json (stream-ppl), OUT_DIR/speed.json and OUT_DIR/eval_<text>_<budget>.json
-(kvsparse-eval); writes OUT_DIR/streaming.png (per-segment perplexity against position, one panel per
+Reads OUT_DIR/<text>.json (stream-ppl), OUT_DIR/speed.json, OUT_DIR/eval_<text>_<budget>.json
+(kvsparse-eval) and OUT_DIR/gates.tsv (calibrate-gates); writes OUT_DIR/streaming.png (per-segment perplexity against position, one panel per
 text and budget, one line per policy) and OUT_DIR/report.md (the tables docs/streaming.md quotes).
 Needs matplotlib (Debian: python3-matplotlib); nothing else beyond the standard library.
 """
@@ -134,6 +134,24 @@ def mass_tables(out, lines):
         lines.append("")
 
 
+def gates_table(out, lines):
+    path = os.path.join(out, "gates.tsv")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        alpha = [[float(x) for x in line.split("\t")] for line in f if line.strip()]
+    # LServe's rule (docs/lserve.md): ascending alpha, ties by layer then head; the first half stream.
+    order = sorted((a, l, h) for l, row in enumerate(alpha) for h, a in enumerate(row))
+    streaming = {(l, h) for _, l, h in order[:int(0.5 * len(order) + 0.5)]}
+    lines.append("### LServe gate values (calibrate-gates on tinystories_sample.txt; * streams at sparsity 0.5)\n")
+    lines.append("| layer | " + " | ".join(f"KV head {h}" for h in range(len(alpha[0]))) + " |")
+    lines.append("|---|" + "---|" * len(alpha[0]))
+    for l, row in enumerate(alpha):
+        lines.append(f"| {l} | " + " | ".join(f"{a:.3f}{' *' if (l, h) in streaming else ''}"
+                                              for h, a in enumerate(row)) + " |")
+    lines.append("")
+
+
 def speed_table(out, lines):
     path = os.path.join(out, "speed.json")
     if not os.path.exists(path):
@@ -215,6 +233,7 @@ def main():
     lines = ["# StreamingLLM experiment: results\n"]
     quality_tables(out, lines)
     mass_tables(out, lines)
+    gates_table(out, lines)
     speed_table(out, lines)
     eval_tables(out, lines)
     with open(os.path.join(out, "report.md"), "w") as f:
