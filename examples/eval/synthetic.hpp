@@ -29,6 +29,7 @@
 #include <kvsparse/error.hpp>
 #include <kvsparse/rope.hpp>
 
+#include "eval/gates.hpp"
 #include "eval/trace.hpp"
 
 namespace kvsparse::tools {
@@ -204,41 +205,13 @@ struct SyntheticShape {
 /// A head that really is local (its attention stays on sinks and recent tokens) gets a low alpha, one
 /// that retrieves far tokens a high alpha; LServe's static sparsity then streams the lowest first.
 inline std::vector<std::vector<float>> measured_gates(const Trace& trace, std::int32_t sinks, std::int32_t window) {
-    const std::int32_t L = trace.shape.layers, Hq = trace.shape.q_heads, G = trace.shape.group_size();
-    const std::int32_t T = trace.tokens, first = std::min(trace.prefill, T - 1), D = trace.shape.head_dim;
+    const std::int32_t T = trace.tokens, first = std::min(trace.prefill, T - 1);
     const std::int32_t samples = std::min<std::int32_t>(64, T - first);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-    std::vector<std::vector<float>> alpha(static_cast<std::size_t>(L),
-                                          std::vector<float>(static_cast<std::size_t>(trace.shape.kv_heads), 0.0f));
-    std::vector<double> logits;
-    for (std::int32_t l = 0; l < L; ++l) {
-        for (std::int32_t h = 0; h < Hq; ++h) {
-            double outside = 0;
-            for (std::int32_t i = 0; i < samples; ++i) {
-                const std::int32_t t = first + static_cast<std::int32_t>(static_cast<std::int64_t>(i) * (T - first) / samples);
-                const float* q = trace.queries(l, t).data() + static_cast<std::size_t>(h) * static_cast<std::size_t>(D);
-                logits.assign(static_cast<std::size_t>(t) + 1, 0.0);
-                double top = -std::numeric_limits<double>::infinity();
-                for (std::int32_t j = 0; j <= t; ++j) {
-                    const float* k = trace.keys(l, j).data() + static_cast<std::size_t>(h / G) * static_cast<std::size_t>(D);
-                    double dot = 0;
-                    for (std::int32_t d = 0; d < D; ++d) dot += static_cast<double>(q[d]) * static_cast<double>(k[d]);
-                    logits[static_cast<std::size_t>(j)] = dot * scale;
-                    top = std::max(top, dot * scale);
-                }
-                double total = 0, far = 0;
-                for (std::int32_t j = 0; j <= t; ++j) {
-                    const double p = std::exp(logits[static_cast<std::size_t>(j)] - top);
-                    total += p;
-                    if (j >= sinks && j <= t - window) far += p;
-                }
-                outside += far / total;
-            }
-            alpha[static_cast<std::size_t>(l)][static_cast<std::size_t>(h / G)] +=
-                static_cast<float>(outside / samples / G);
-        }
+    std::vector<std::int32_t> positions;
+    for (std::int32_t i = 0; i < samples; ++i) {
+        positions.push_back(first + static_cast<std::int32_t>(static_cast<std::int64_t>(i) * (T - first) / samples));
     }
-    return alpha;
+    return gate_values(trace, sinks, window, positions);
 }
 
 /// Generates the trace described at the top of this file.
