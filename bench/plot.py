@@ -91,8 +91,10 @@ def markdown(context, decode, copy, other):
     sp = speedups(decode)
     contexts = sorted({L for _, L in decode})
     lines = []
-    lines.append(f"Copy bandwidth (reference): {bw / 1e9:.1f} GB/s "
-                 f"({context.get('kvsparse_threads', '?')} threads, read + write, best of 12 copies of 256 MiB).")
+    best = float(context.get("copy_best_bytes_per_second", "nan"))
+    lines.append(f"Copy bandwidth (the reference): {bw / 1e9:.1f} GB/s, the median of 12 copies of 256 MiB on "
+                 f"{context.get('kvsparse_threads', '?')} threads, read + write (the best of the 12: {best / 1e9:.1f} GB/s). "
+                 f"Load average at the start: {context.get('load_avg', '?')}.")
     for size, b in sorted(copy.items()):
         lines.append(f"`Copy/{size}`: {b['bytes_per_second'] / 1e9:.1f} GB/s.")
     lines.append("")

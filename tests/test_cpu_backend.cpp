@@ -346,3 +346,31 @@ TEST_CASE("steady-state decode attention allocates nothing, on any thread", "[cp
     check(kvsparse::H2OHeavyHitter(32, 32));
     check(kvsparse::QuestPageSelector({.page_size = 16, .token_budget = 64, .dense_layers = 0}));
 }
+
+TEST_CASE("top_pages keeps the k best, ties to the lower index, NaN as -inf, ascending", "[cpu][quest]") {
+    std::mt19937 rng(9);
+    const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
+    for (int round = 0; round < 400; ++round) {
+        const int n = 1 + static_cast<int>(rng() % 300);
+        const int k = static_cast<int>(rng() % static_cast<unsigned>(n + 3)) - 1;  // -1 .. n + 1
+        std::vector<float> scores(static_cast<std::size_t>(n));
+        const int distinct = 1 + static_cast<int>(rng() % 8);  // few values: many ties
+        for (float& s : scores) {
+            s = rng() % 5 == 0 ? specials[rng() % 7] : static_cast<float>(static_cast<int>(rng() % static_cast<unsigned>(distinct)) - 3) * 0.5f;
+        }
+        // Reference: sort all indices by (score descending, NaN as -inf; index ascending), take k, sort.
+        std::vector<int> all(static_cast<std::size_t>(n));
+        std::iota(all.begin(), all.end(), 0);
+        const auto value = [&](int i) { return std::isnan(scores[static_cast<std::size_t>(i)]) ? -INFINITY : scores[static_cast<std::size_t>(i)]; };
+        std::stable_sort(all.begin(), all.end(), [&](int a, int b) { return value(a) > value(b); });
+        const int want_count = std::clamp(k, 0, n);
+        std::vector<int> want(all.begin(), all.begin() + want_count);
+        std::sort(want.begin(), want.end());
+
+        std::vector<std::int32_t> order(static_cast<std::size_t>(n), -7);
+        const int got_count = kvsparse::CpuBackend::top_pages(scores, n, k, order);
+        CAPTURE(n, k, round);
+        REQUIRE(got_count == want_count);
+        CHECK(std::vector<int>(order.begin(), order.begin() + got_count) == want);
+    }
+}

@@ -216,8 +216,6 @@ public:
         const std::span<const float> q = rotated_queries(queries, t, 1, stream);
         selection.rows_per_kv_head = policy_.per_query_head() ? config_.shape.group_size() : 1;
         selection.indptr.assign(1, 0);
-        selection.slots.clear();
-        selection.positions.clear();
         for_each_head([&](std::int32_t h, Scratch& w) {  // the heads in parallel, then concatenated in order
             w.selected.clear();
             w.row_ends.clear();
@@ -227,19 +225,22 @@ public:
                 w.row_ends.push_back(w.selected.size());
             });
         });
+        std::size_t total = 0;
         for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
-            const Scratch& w = head_scratch_[static_cast<std::size_t>(h)];
-            const Stream& s = stream_at(sequence, layer, h);
-            std::size_t begin = 0;
-            for (const std::size_t end : w.row_ends) {
-                for (std::size_t i = begin; i < end; ++i) {
-                    selection.slots.push_back(w.selected[i]);
-                    selection.positions.push_back(s.positions[static_cast<std::size_t>(w.selected[i])]);
-                }
-                selection.indptr.push_back(static_cast<std::int32_t>(selection.slots.size()));
-                begin = end;
-            }
+            Scratch& w = head_scratch_[static_cast<std::size_t>(h)];
+            w.first = total;
+            for (const std::size_t end : w.row_ends) selection.indptr.push_back(static_cast<std::int32_t>(total + end));
+            total += w.selected.size();
         }
+        selection.slots.resize(total);
+        selection.positions.resize(total);
+        for_each_head([&](std::int32_t h, Scratch& w) {  // each head writes its part of the rows
+            const Stream& s = stream_at(sequence, layer, h);
+            for (std::size_t i = 0; i < w.selected.size(); ++i) {
+                selection.slots[w.first + i] = w.selected[i];
+                selection.positions[w.first + i] = s.positions[static_cast<std::size_t>(w.selected[i])];
+            }
+        });
     }
 
     /// Page lists (FlashInfer's indptr / indices / last_page_len) for engines with their own paged
@@ -555,6 +556,7 @@ private:
         std::vector<std::size_t> row_ends;
         std::vector<float> query, probabilities, page_scores;
         std::vector<std::byte> workspace;
+        std::size_t first = 0;  // select: where this head's rows start in the Selection
     };
 
     /// Runs task(kv_head, its scratch) for every KV head: in parallel when the backend has threads

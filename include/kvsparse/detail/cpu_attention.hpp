@@ -23,6 +23,10 @@
 #include <span>
 #include <type_traits>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 #include "kvsparse/concepts.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/rope.hpp"
@@ -91,6 +95,34 @@ inline void prefetch_row(const T* row, std::size_t bytes) {
 /// cache pages need not be adjacent; with shuffled pages this doubles the rate, with adjacent ones it
 /// costs nothing measurable.
 inline std::size_t prefetch_rows(std::size_t row_bytes) { return std::max<std::size_t>(4, 4096 / row_bytes); }
+
+/// Bytes of this core's L2 cache (sysconf where the C library knows it, else 1 MiB), asked once.
+inline std::size_t l2_bytes() {
+    static const std::size_t bytes = [] {
+        long reported = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+        reported = ::sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        return reported > 0 ? static_cast<std::size_t>(reported) : std::size_t{1} << 20;
+    }();
+    return bytes;
+}
+
+/// Whether the score pass also fetches the value rows (into L2) while it reads the keys: when the set's
+/// values fit in half the L2, the value pass then finds them there, and the two streams of scattered
+/// pages overlap (Quest's selected pages: 10-15% faster). For larger sets they would be evicted again.
+inline bool prefetch_values_early(std::size_t n, std::size_t row_bytes) { return n * row_bytes <= l2_bytes() / 2; }
+
+template <class T>
+inline void prefetch_row_l2(const T* row, std::size_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char* p = reinterpret_cast<const char*>(row);
+    for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+#else
+    (void)row;
+    (void)bytes;
+#endif
+}
 
 // ---- scalar pieces shared by both paths ----------------------------------------------------------------
 
@@ -393,10 +425,16 @@ KVSPARSE_AVX2 void score_pass_avx2(const AttendArgs<T>& a, Scratch s) {
     const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
     const std::size_t group = static_cast<std::size_t>(a.group);
     const Rows<T> keys(a.stream.keys, a.stream.table, a.stream.head);
+    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
     const std::size_t row_bytes = dim * sizeof(T);
     const std::size_t ahead = prefetch_rows(row_bytes);
+    const bool values_early = prefetch_values_early(n, row_bytes);
     const __m256 scale = _mm256_set1_ps(a.scale);
     const bool rotate = !a.key_rotation.empty();
+    for (std::size_t j = 0; j < std::min(ahead, n); ++j) {  // the first rows; the loop asks `ahead` rows on
+        prefetch_row(keys(a.slots[j]), row_bytes);
+        if (values_early) prefetch_row_l2(values(a.slots[j]), row_bytes);
+    }
     for (std::size_t j = 0; j < n; j += 2) {
         const bool pair = j + 1 < n;
         const T* k0 = keys(a.slots[j]);
@@ -404,6 +442,10 @@ KVSPARSE_AVX2 void score_pass_avx2(const AttendArgs<T>& a, Scratch s) {
         if (j + ahead + 1 < n) {
             prefetch_row(keys(a.slots[j + ahead]), row_bytes);
             prefetch_row(keys(a.slots[j + ahead + 1]), row_bytes);
+            if (values_early) {
+                prefetch_row_l2(values(a.slots[j + ahead]), row_bytes);
+                prefetch_row_l2(values(a.slots[j + ahead + 1]), row_bytes);
+            }
         }
         for (std::size_t g0 = 0; g0 < group; g0 += 4) {
             const std::size_t heads = std::min<std::size_t>(4, group - g0);
@@ -595,9 +637,15 @@ KVSPARSE_AVX512 void score_pass_avx512(const AttendArgs<T>& a, Scratch s) {
     const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
     const std::size_t group = static_cast<std::size_t>(a.group);
     const Rows<T> keys(a.stream.keys, a.stream.table, a.stream.head);
+    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
     const std::size_t row_bytes = dim * sizeof(T);
     const std::size_t ahead = prefetch_rows(row_bytes);
+    const bool values_early = prefetch_values_early(n, row_bytes);
     const __m256 scale = _mm256_set1_ps(a.scale);
+    for (std::size_t j = 0; j < std::min(ahead, n); ++j) {  // the first rows; the loop asks `ahead` rows on
+        prefetch_row(keys(a.slots[j]), row_bytes);
+        if (values_early) prefetch_row_l2(values(a.slots[j]), row_bytes);
+    }
     for (std::size_t j = 0; j < n; j += 2) {
         const bool pair = j + 1 < n;
         const T* k0 = keys(a.slots[j]);
@@ -605,6 +653,10 @@ KVSPARSE_AVX512 void score_pass_avx512(const AttendArgs<T>& a, Scratch s) {
         if (j + ahead + 1 < n) {
             prefetch_row(keys(a.slots[j + ahead]), row_bytes);
             prefetch_row(keys(a.slots[j + ahead + 1]), row_bytes);
+            if (values_early) {
+                prefetch_row_l2(values(a.slots[j + ahead]), row_bytes);
+                prefetch_row_l2(values(a.slots[j + ahead + 1]), row_bytes);
+            }
         }
         for (std::size_t g0 = 0; g0 < group; g0 += 4) {
             const std::size_t heads = std::min<std::size_t>(4, group - g0);

@@ -45,9 +45,12 @@ __attribute__((target("avx2,fma,f16c"))) void page_scores_avx2(const KeyBounds<c
                                                                const float* queries, std::size_t rows,
                                                                GqaAggregation mode, float* scores) {
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
+    const std::size_t page_bytes = 2 * dim * sizeof(T);
+    const std::int32_t ahead = static_cast<std::int32_t>(prefetch_rows(page_bytes));  // about 4 KiB ahead
     for (std::int32_t i = 0; i < pages; ++i) {
         const T* lo = bounds.kmin(i);
         const T* hi = bounds.kmax(i);
+        if (i + ahead < pages) prefetch_row(bounds.kmin(i + ahead), page_bytes);
         float aggregate = mode == GqaAggregation::sum ? 0.0f : -std::numeric_limits<float>::infinity();
         for (std::size_t r0 = 0; r0 < rows; r0 += 8) {
             const std::size_t nb = rows - r0 < 8 ? rows - r0 : 8;
@@ -114,9 +117,12 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) void page_scores_avx512(const K
                                                                          std::size_t rows, GqaAggregation mode,
                                                                          float* scores) {
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
+    const std::size_t page_bytes = 2 * dim * sizeof(T);
+    const std::int32_t ahead = static_cast<std::int32_t>(prefetch_rows(page_bytes));  // about 4 KiB ahead
     for (std::int32_t i = 0; i < pages; ++i) {
         const T* lo = bounds.kmin(i);
         const T* hi = bounds.kmax(i);
+        if (i + ahead < pages) prefetch_row(bounds.kmin(i + ahead), page_bytes);
         float aggregate = mode == GqaAggregation::sum ? 0.0f : -std::numeric_limits<float>::infinity();
         for (std::size_t r0 = 0; r0 < rows; r0 += 8) {
             const std::size_t nb = rows - r0 < 8 ? rows - r0 : 8;

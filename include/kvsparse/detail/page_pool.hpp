@@ -5,6 +5,7 @@
 #include <span>
 #include <vector>
 
+#include "kvsparse/detail/huge_page_allocator.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/views.hpp"
 
@@ -44,8 +45,8 @@ private:
     std::int32_t num_pages_ = 0;
     std::int32_t page_size_ = 0;
     std::int32_t head_dim_ = 0;
-    std::vector<T> keys_;
-    std::vector<T> values_;
+    std::vector<T, HugePageAllocator<T>> keys_;  // huge pages where the system gives them (scattered reads)
+    std::vector<T, HugePageAllocator<T>> values_;
     std::vector<std::int32_t> free_;
 };
 
