@@ -23,14 +23,16 @@ GOAL_DENSE_FRACTION = 0.60  # dense decode at 32K reads at least this fraction o
 GOAL_QUEST_OF_BOUND = 0.85  # Quest at 32K, budget 2048, page 16: at least this fraction of the bound
 
 
-def load(path):
+def load_one(path):
     with open(path) as f:
         data = json.load(f)
     decode, copy, other = {}, {}, {}
     for b in data["benchmarks"]:
-        if b.get("run_type") == "aggregate":
-            continue
         name = b["name"]
+        if b.get("run_type") == "aggregate":  # with --benchmark_repetitions: the mean stands for the runs
+            if b.get("aggregate_name") != "mean":
+                continue
+            name = b["run_name"]
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
         m = re.match(r"^Decode/([a-z0-9_]+)/(\d+)$", name)
         if m:
@@ -42,6 +44,28 @@ def load(path):
             continue
         other[name] = dict(b, step_s=b["real_time"] * scale)
     return data.get("context", {}), decode, copy, other
+
+
+def load(paths):
+    """One or more result files. Every speedup is against dense decode from the same file (the same run);
+    a policy found in several files is taken from the last, dense from the first."""
+    context, decode, copy, other, runs = {}, {}, {}, {}, []
+    for path in paths:
+        ctx, dec, cp, oth = load_one(path)
+        context = context or ctx
+        runs.append(ctx)
+        for key, b in dec.items():
+            dense = dec.get(("dense", key[1]))
+            if dense:
+                b["speedup"] = dense["step_s"] / b["step_s"]
+            if key[0] != "dense" or key not in decode:
+                decode[key] = dict(b, run=len(runs) - 1)
+        for key, b in cp.items():
+            copy.setdefault(key, b)
+        for key, b in oth.items():
+            other.setdefault(key, b)
+    context = dict(context, runs=runs)
+    return context, decode, copy, other
 
 
 def budget(context):
@@ -57,12 +81,7 @@ def bound_budget(L, B):
 
 
 def speedups(decode):
-    out = {}
-    for (policy, L), b in decode.items():
-        dense = decode.get(("dense", L))
-        if dense:
-            out[(policy, L)] = dense["step_s"] / b["step_s"]
-    return out
+    return {key: b["speedup"] for key, b in decode.items() if "speedup" in b}
 
 
 def fit_line(xs, ys):
@@ -87,19 +106,23 @@ def policies_of(decode):
 
 def markdown(context, decode, copy, other):
     B = budget(context)
-    bw = float(context.get("copy_bytes_per_second", "nan"))
     sp = speedups(decode)
     contexts = sorted({L for _, L in decode})
     lines = []
-    best = float(context.get("copy_best_bytes_per_second", "nan"))
-    lines.append(f"Copy bandwidth (the reference): {bw / 1e9:.1f} GB/s, the median of 12 copies of 256 MiB on "
-                 f"{context.get('kvsparse_threads', '?')} threads, read + write (the best of the 12: {best / 1e9:.1f} GB/s). "
-                 f"Load average at the start: {context.get('load_avg', '?')}.")
+    runs = context.get("runs", [context])
+    for i, run in enumerate(runs):
+        names = sorted({p for (p, _), b in decode.items() if b.get("run") == i})
+        lines.append(f"Run {i + 1} ({', '.join(names) or 'no decode'}): copy bandwidth (the reference) "
+                     f"{float(run.get('copy_bytes_per_second', 'nan')) / 1e9:.1f} GB/s, the median of 12 copies of "
+                     f"256 MiB on {run.get('kvsparse_threads', '?')} threads, read + write (the best: "
+                     f"{float(run.get('copy_best_bytes_per_second', 'nan')) / 1e9:.1f} GB/s); load average at "
+                     f"the start {', '.join(f'{x:.2f}' for x in run.get('load_avg', []))}.")
+    lines.append("")
     for size, b in sorted(copy.items()):
         lines.append(f"`Copy/{size}`: {b['bytes_per_second'] / 1e9:.1f} GB/s.")
     lines.append("")
-    lines.append("| policy | context | step (us) | select (us) | attend (us) | MB read | bandwidth fraction | speedup over dense | bound L/(L/P+B) |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| policy | context | run | step (us) | select (us) | attend (us) | MB read | bandwidth fraction | speedup over dense | bound L/(L/P+B) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in policies_of(decode):
         for L in contexts:
             b = decode.get((p, L))
@@ -107,7 +130,7 @@ def markdown(context, decode, copy, other):
                 continue
             s = sp.get((p, L))
             lines.append(
-                f"| {p} | {L} | {b['step_s'] * 1e6:.0f} | {b['select_ns'] / 1e3:.0f} | {b['attend_ns'] / 1e3:.0f} | "
+                f"| {p} | {L} | {b['run'] + 1} | {b['step_s'] * 1e6:.0f} | {b['select_ns'] / 1e3:.0f} | {b['attend_ns'] / 1e3:.0f} | "
                 f"{b['bytes_read'] / 1e6:.1f} | {b['bandwidth_fraction']:.2f} | "
                 f"{'' if s is None else f'{s:.2f}'} | {bound_pages(L, B):.2f} |")
     lines.append("")
@@ -141,8 +164,8 @@ def check(context, decode):
         ok &= good
         print(f"dense decode at 32K: {f:.2f} of copy bandwidth (goal >= {GOAL_DENSE_FRACTION}): {'met' if good else 'NOT met'}")
     quest = decode.get(("quest", 32768))
-    if dense and quest:
-        s = dense["step_s"] / quest["step_s"]
+    if quest and "speedup" in quest:
+        s = quest["speedup"]  # against dense in the same run
         bound = bound_pages(32768, B)
         good = s >= GOAL_QUEST_OF_BOUND * bound
         ok &= good
@@ -156,6 +179,7 @@ def figure(context, decode, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     B = budget(context)
@@ -177,6 +201,7 @@ def figure(context, decode, path):
         a.set_xlabel("context (tokens)")
         a.grid(True, which="both", alpha=0.3)
     ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set_ylabel("decode step speedup over dense")
     ax.set_title("Speedup over dense decode (one layer, CPU)")
     ax.legend(fontsize=8)
@@ -193,14 +218,14 @@ def figure(context, decode, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="kvsparse-bench output in JSON")
+    ap.add_argument("json", nargs="+", help="kvsparse-bench output in JSON (several runs: each speedup against dense of its own run)")
     ap.add_argument("--figure", help="write the figure here (.svg, .png, ...)")
     ap.add_argument("--markdown", action="store_true", help="print the tables in Markdown")
     ap.add_argument("--check", action="store_true", help="print the goals; exit 1 if one is missed")
     args = ap.parse_args()
     context, decode, copy, other = load(args.json)
     if not decode and not copy:
-        sys.exit("no Decode/ or Copy/ results in " + args.json)
+        sys.exit("no Decode/ or Copy/ results in " + " ".join(args.json))
     if args.markdown:
         print(markdown(context, decode, copy, other))
     if args.figure:
