@@ -112,14 +112,14 @@ def markdown(context, decode, copy, other):
     runs = context.get("runs", [context])
     for i, run in enumerate(runs):
         names = sorted({p for (p, _), b in decode.items() if b.get("run") == i})
-        lines.append(f"Run {i + 1} ({', '.join(names) or 'no decode'}): copy bandwidth (the reference) "
+        lines.append(f"- Run {i + 1} ({', '.join(names) or 'no decode'}): copy bandwidth (the reference) "
                      f"{float(run.get('copy_bytes_per_second', 'nan')) / 1e9:.1f} GB/s, the median of 12 copies of "
                      f"256 MiB on {run.get('kvsparse_threads', '?')} threads, read + write (the best: "
                      f"{float(run.get('copy_best_bytes_per_second', 'nan')) / 1e9:.1f} GB/s); load average at "
                      f"the start {', '.join(f'{x:.2f}' for x in run.get('load_avg', []))}.")
     lines.append("")
     for size, b in sorted(copy.items()):
-        lines.append(f"`Copy/{size}`: {b['bytes_per_second'] / 1e9:.1f} GB/s.")
+        lines.append(f"- `Copy/{size}`: {b['bytes_per_second'] / 1e9:.1f} GB/s.")
     lines.append("")
     lines.append("| policy | context | run | step (us) | select (us) | attend (us) | MB read | bandwidth fraction | speedup over dense | bound L/(L/P+B) |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
