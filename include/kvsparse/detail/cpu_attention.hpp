@@ -3,16 +3,18 @@
 // of slots, in two passes over memory (keys, then values), each K/V row widened once and shared by the
 // whole group.
 //
-// Two implementations with the same arithmetic plan:
-//  - x86 with AVX2, FMA and F16C (checked at run time, once): float16 and bfloat16 rows are widened in
-//    registers (vcvtph2ps, or a 16-bit shift), dot products run eight accumulators wide (two keys times
-//    four query heads), the exponentials are a vectorized polynomial, and the value pass keeps a block of
-//    rows in L1 while it walks the head dimension. A header cannot choose the compiler's -march, so these
-//    functions carry their own target attribute and are only entered when the CPU has the features.
-//  - portable C++ everywhere else (and under nvcc): the same steps as plain loops the compiler can
-//    vectorize with the baseline instruction set, and a branch-free float16 widening.
-// Both are deterministic: one call's arithmetic does not depend on threads or timing. They differ from
-// each other (and from a naive loop) by float rounding only.
+// Three implementations of the same plan, the widest the CPU runs taken (cpuid, asked once):
+//  - AVX-512F (head_dim % 16 == 0) and AVX2 + FMA + F16C (head_dim % 8 == 0; also the in-cache RoPE
+//    path): float16 and bfloat16 rows are widened in registers (vcvtph2ps, or a 16-bit shift), dot
+//    products run eight accumulators wide (two keys times four query heads), the exponentials are a
+//    vectorized polynomial, and the value pass keeps a block of rows in L1 while it walks the head
+//    dimension with the strips of four heads in registers. Rows 4 KiB ahead are prefetched. A header
+//    cannot choose the compiler's -march, so these functions carry their own target attributes and are
+//    only entered when the CPU has the features.
+//  - portable C++ everywhere else (and under nvcc): the same steps as plain loops that GCC and clang
+//    vectorize with the baseline instruction set, a branch-free float16 widening included.
+// All are deterministic: a call's arithmetic does not depend on threads or timing. They differ from each
+// other (and from a naive loop) by float rounding only.
 
 #include <algorithm>
 #include <bit>

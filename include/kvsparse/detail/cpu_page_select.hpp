@@ -7,8 +7,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <functional>
 #include <limits>
 #include <numeric>
 #include <span>
@@ -138,34 +136,20 @@ void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const
 }
 
 /// Top-k with the tie rule; see CpuBackend::top_pages.
-///
-/// Linear, without sorting indices: scores become order-preserving integer keys (NaN as -inf, -0 as +0,
-/// so equal scores give equal keys), nth_element on the keys alone finds the k-th largest key T, and one
-/// pass in index order takes every page above T and, of those equal to T, the lowest indices until k are
-/// taken, which is the tie rule, and leaves them ascending.
 inline std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order) {
-    if (k >= n || k <= 0) {
-        std::iota(order.begin(), order.begin() + n, 0);
-        return k >= n ? n : 0;
-    }
-    const auto key = [&](std::size_t i) {  // signed integers in the order of the scores
-        float s = scores[i];
-        s = std::isnan(s) ? -std::numeric_limits<float>::infinity() : (s == 0.0f ? 0.0f : s);
-        std::int32_t bits;
-        std::memcpy(&bits, &s, sizeof bits);
-        return bits >= 0 ? bits : static_cast<std::int32_t>(static_cast<std::uint32_t>(bits) ^ 0x7fffffffu);
+    std::iota(order.begin(), order.begin() + n, 0);
+    if (k >= n) return n;
+    if (k <= 0) return 0;
+    const auto key = [&](std::int32_t i) {
+        const float s = scores[static_cast<std::size_t>(i)];
+        return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
     };
-    const auto count = static_cast<std::size_t>(n);
-    for (std::size_t i = 0; i < count; ++i) order[i] = key(i);
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.begin() + n, std::greater<>());
-    const std::int32_t threshold = order[static_cast<std::size_t>(k - 1)];
-    std::int32_t above = 0;
-    for (std::size_t i = 0; i < count; ++i) above += key(i) > threshold ? 1 : 0;
-    std::int32_t ties = k - above, taken = 0;
-    for (std::size_t i = 0; i < count && taken < k; ++i) {  // writes at or before i: keys are re-derived
-        const std::int32_t x = key(i);
-        if (x > threshold || (x == threshold && ties-- > 0)) order[static_cast<std::size_t>(taken++)] = static_cast<std::int32_t>(i);
-    }
+    const auto better = [&](std::int32_t a, std::int32_t b) {
+        const float x = key(a), y = key(b);
+        return x > y || (x == y && a < b);
+    };
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.begin() + n, better);
+    std::sort(order.begin(), order.begin() + k);
     return k;
 }
 
