@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "error_message.hpp"
 
 #include "common/npy.hpp"
 #include "common/parallel.hpp"
@@ -73,28 +74,6 @@ std::string float_bytes(std::initializer_list<float> values) {
     }
     return s;
 }
-
-/// The message of the format_error `f` throws ("" if it throws none).
-template <class F>
-std::string format_error_of(F&& f) {
-    try {
-        f();
-    } catch (const format_error& e) {
-        return e.what();
-    }
-    return "";
-}
-
-template <class F>
-std::string invalid_argument_of(F&& f) {
-    try {
-        f();
-    } catch (const kvsparse::invalid_argument& e) {
-        return e.what();
-    }
-    return "";
-}
-
 std::vector<float> ramp(std::size_t n, float scale) {
     std::vector<float> v(n);
     for (std::size_t i = 0; i < n; ++i) v[i] = scale * (static_cast<float>(i % 97) - 48.0f) / 8.0f;
@@ -181,7 +160,7 @@ TEST_CASE("npy: reads headers as other writers produce them", "[eval][npy]") {
 
 TEST_CASE("npy: corrupt and truncated files are rejected with clear errors", "[eval][npy]") {
     const auto error_of = [](const std::string& file) {
-        return format_error_of([&] { npy::parse(bytes_of(file), "x.npy"); });
+        return error_message_of<format_error>([&] { npy::parse(bytes_of(file), "x.npy"); });
     };
     const std::string dict2x2 = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }";
     const std::string data4 = float_bytes({1, 2, 3, 4});
@@ -225,7 +204,7 @@ TEST_CASE("npy: corrupt and truncated files are rejected with clear errors", "[e
         CHECK_THROWS_AS(npy::parse(std::span<const std::byte>(good).first(n), "cut.npy"), format_error);
     }
     TempDir dir("npy_missing");
-    CHECK_THAT(format_error_of([&] { npy::read(dir.path / "missing.npy"); }),
+    CHECK_THAT(error_message_of<format_error>([&] { npy::read(dir.path / "missing.npy"); }),
                Catch::Contains("missing.npy") && Catch::Contains("cannot open"));
     CHECK_THROWS_AS(npy::Array::float32({2, 2}, ramp(4, 1.0f)).to_uint8(), format_error);
 }
@@ -303,7 +282,7 @@ TEST_CASE("policy spec: every documented key of the existing policies is accepte
 
 TEST_CASE("policy spec: unknown names and keys / missing keys and bad values are named", "[eval][spec]") {
     const auto error_of = [](const std::string& text) {
-        return invalid_argument_of([&] { make_policy(parse_policy_spec(text)); });
+        return error_message_of<kvsparse::invalid_argument>([&] { make_policy(parse_policy_spec(text)); });
     };
     CHECK_THAT(error_of(""), Catch::Contains("empty"));
     CHECK_THAT(error_of("windw:window=5"),
@@ -364,13 +343,13 @@ TEST_CASE("synthetic traces: deterministic / shaped as asked / options checked",
     CHECK(parse_synthetic("").tokens == 4096);
     CHECK(parse_synthetic("").prefill_tokens() == 1024);
 
-    CHECK_THAT(invalid_argument_of([] { parse_synthetic("tokens=10,heads=2"); }),
+    CHECK_THAT(error_message_of<kvsparse::invalid_argument>([] { parse_synthetic("tokens=10,heads=2"); }),
                Catch::Contains("unknown key 'heads'"));
-    CHECK_THAT(invalid_argument_of([] { parse_synthetic("tokens=ten"); }), Catch::Contains("key 'tokens' = 'ten'"));
-    CHECK_THAT(invalid_argument_of([] { parse_synthetic("q_heads=6,kv_heads=4"); }),
+    CHECK_THAT(error_message_of<kvsparse::invalid_argument>([] { parse_synthetic("tokens=ten"); }), Catch::Contains("key 'tokens' = 'ten'"));
+    CHECK_THAT(error_message_of<kvsparse::invalid_argument>([] { parse_synthetic("q_heads=6,kv_heads=4"); }),
                Catch::Contains("multiple of kv_heads"));
-    CHECK_THAT(invalid_argument_of([] { parse_synthetic("dim=7"); }), Catch::Contains("even"));
-    CHECK_THAT(invalid_argument_of([] { parse_synthetic("tokens=10,prefill=10"); }), Catch::Contains("prefill"));
+    CHECK_THAT(error_message_of<kvsparse::invalid_argument>([] { parse_synthetic("dim=7"); }), Catch::Contains("even"));
+    CHECK_THAT(error_message_of<kvsparse::invalid_argument>([] { parse_synthetic("tokens=10,prefill=10"); }), Catch::Contains("prefill"));
 }
 
 TEST_CASE("traces: saved and loaded / float16 files / meta.json / errors", "[eval][trace]") {
@@ -416,7 +395,7 @@ TEST_CASE("traces: saved and loaded / float16 files / meta.json / errors", "[eva
 
     const auto meta_error = [&](const std::string& json) {
         std::ofstream(h / "meta.json") << json;
-        return format_error_of([&] { load_trace(h); });
+        return error_message_of<format_error>([&] { load_trace(h); });
     };
     CHECK_THAT(meta_error(R"({"prefill": 6})"), Catch::Contains("meta.json") && Catch::Contains("\"prefill\" = 6"));
     CHECK_THAT(meta_error(R"({"prefill": "2"})"), Catch::Contains("\"prefill\" must be an integer"));
@@ -428,14 +407,14 @@ TEST_CASE("traces: saved and loaded / float16 files / meta.json / errors", "[eva
     fs::remove(h / "meta.json");
 
     npy::write(h / "v.npy", npy::Array::float16({1, 6, 1, 2}, ramp(12, 2.0f)));
-    CHECK_THAT(format_error_of([&] { load_trace(h); }), Catch::Contains("differ in shape"));
+    CHECK_THAT(error_message_of<format_error>([&] { load_trace(h); }), Catch::Contains("differ in shape"));
     npy::write(h / "v.npy", npy::Array::uint8({1, 6, 2, 2}, std::vector<std::uint8_t>(24)));
-    CHECK_THAT(format_error_of([&] { load_trace(h); }),
+    CHECK_THAT(error_message_of<format_error>([&] { load_trace(h); }),
                Catch::Contains("v.npy") && Catch::Contains("expected float32 or float16"));
     npy::write(h / "v.npy", npy::Array::float32({6, 2, 2}, ramp(24, 1.0f)));
-    CHECK_THAT(format_error_of([&] { load_trace(h); }), Catch::Contains("expected 4 dimensions"));
+    CHECK_THAT(error_message_of<format_error>([&] { load_trace(h); }), Catch::Contains("expected 4 dimensions"));
     fs::remove(h / "k.npy");
-    CHECK_THAT(format_error_of([&] { load_trace(h); }), Catch::Contains("k.npy") && Catch::Contains("cannot open"));
+    CHECK_THAT(error_message_of<format_error>([&] { load_trace(h); }), Catch::Contains("k.npy") && Catch::Contains("cannot open"));
 }
 
 // ---- replay: masks and metrics against brute force ------------------------------------------------------

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "error_message.hpp"
 
 #include "common/policy_spec.hpp"
 #include "eval/replay.hpp"
@@ -122,17 +123,6 @@ struct TempDir {
         return path / name;
     }
 };
-
-template <class F>
-std::string format_error_of(F&& f) {
-    try {
-        f();
-    } catch (const format_error& e) {
-        return e.what();
-    }
-    return "no format_error";
-}
-
 }  // namespace
 
 TEST_CASE("llama greedy generation from BOS reproduces the published sample", "[llama]") {
@@ -225,20 +215,20 @@ TEST_CASE("llama model and tokenizer files are checked", "[llama]") {
     const std::string model = read(data_dir / "stories260K.bin");
     const std::string tokenizer = read(data_dir / "tok512.bin");
     TempDir dir;
-    CHECK_THAT(format_error_of([&] { Model::load(dir.write("short.bin", model.substr(0, model.size() - 4))); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Model::load(dir.write("short.bin", model.substr(0, model.size() - 4))); }),
                Catch::Contains("needs exactly 1056540 bytes, the file has 1056536 (truncated)"));
-    CHECK_THAT(format_error_of([&] { Model::load(dir.write("long.bin", model + "x")); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Model::load(dir.write("long.bin", model + "x")); }),
                Catch::Contains("the file has 1056541 (trailing data"));
-    CHECK_THAT(format_error_of([&] { Model::load(dir.write("header.bin", model.substr(0, 20))); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Model::load(dir.write("header.bin", model.substr(0, 20))); }),
                Catch::Contains("truncated: 20 bytes"));
-    CHECK_THAT(format_error_of([&] { Model::load(data_dir / "tok512.bin"); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Model::load(data_dir / "tok512.bin"); }),
                Catch::Contains("not a llama2.c checkpoint"));
-    CHECK_THAT(format_error_of([&] { Model::load(dir.path / "missing.bin"); }), Catch::Contains("cannot open"));
-    CHECK_THAT(format_error_of([&] { Tokenizer::load(dir.write("tok.bin", tokenizer.substr(0, 3000)), 512); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Model::load(dir.path / "missing.bin"); }), Catch::Contains("cannot open"));
+    CHECK_THAT(error_message_of<format_error>([&] { Tokenizer::load(dir.write("tok.bin", tokenizer.substr(0, 3000)), 512); }),
                Catch::Contains("truncated"));
-    CHECK_THAT(format_error_of([&] { Tokenizer::load(data_dir / "tok512.bin", 500); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Tokenizer::load(data_dir / "tok512.bin", 500); }),
                Catch::Contains("does not match the model's vocabulary"));
-    CHECK_THAT(format_error_of([&] { Tokenizer::load(data_dir / "stories260K.bin", 512); }),
+    CHECK_THAT(error_message_of<format_error>([&] { Tokenizer::load(data_dir / "stories260K.bin", 512); }),
                Catch::Contains("stories260K.bin"));
 }
 
