@@ -4,8 +4,8 @@
 // outputs that do not depend on the number of threads.
 
 #include <algorithm>
-#include <type_traits>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -14,6 +14,7 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "catch.hpp"
@@ -355,8 +356,17 @@ TEST_CASE("top_pages keeps the k best, ties to the lower index, NaN as -inf, asc
         const int k = static_cast<int>(rng() % static_cast<unsigned>(n + 3)) - 1;  // -1 .. n + 1
         std::vector<float> scores(static_cast<std::size_t>(n));
         const int distinct = 1 + static_cast<int>(rng() % 8);  // few values: many ties
+        // Every other round, values one ulp-step apart around a base, so keys share their leading bytes
+        // and each byte of the radix select decides.
+        const float base = static_cast<float>(static_cast<int>(rng() % 200) - 100) * 0.37f;
         for (float& s : scores) {
-            s = rng() % 5 == 0 ? specials[rng() % 7] : static_cast<float>(static_cast<int>(rng() % static_cast<unsigned>(distinct)) - 3) * 0.5f;
+            if (rng() % 5 == 0) {
+                s = specials[rng() % 7];
+            } else if (round % 2 == 0) {
+                s = static_cast<float>(static_cast<int>(rng() % static_cast<unsigned>(distinct)) - 3) * 0.5f;
+            } else {
+                s = std::bit_cast<float>(std::bit_cast<std::uint32_t>(base) + static_cast<std::uint32_t>(rng() % (1u << (3 * distinct))));
+            }
         }
         // Reference: sort all indices by (score descending, NaN as -inf; index ascending), take k, sort.
         std::vector<int> all(static_cast<std::size_t>(n));

@@ -144,8 +144,7 @@ public:
 
     /// Top-k with the tie rule: the `k` best of the `n` scores (higher first; equal scores: the lower
     /// index wins; NaN counts as -inf), in ascending index order in order[0, k); returns min(k, n).
-    /// `order` has room for n. A partial selection (nth_element, linear on average) and a sort of the k
-    /// chosen only: O(n + k log k).
+    /// `order` has room for n. A radix select, O(n) with no comparison sort.
     static std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k,
                                   std::span<std::int32_t> order) {
         return detail::pages::top_pages(scores, n, k, order);

@@ -4,6 +4,7 @@
 // the query heads of a KV head in one pass over the bounds, and top-k with the tie rule.
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -135,22 +136,58 @@ void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const
     if (!cpu::page_scores_simd(bounds, pages, queries, rows, mode, scores)) page_scores_portable(bounds, pages, queries, rows, mode, scores);
 }
 
-/// Top-k with the tie rule; see CpuBackend::top_pages.
+/// An order-preserving image of a score as an unsigned key: a > b exactly when key(a) > key(b), with NaN
+/// taken as -inf and -0 as +0 (equal floats, so equal keys).
+inline std::uint32_t score_key(float s) {
+    if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
+    if (s == 0.0f) s = 0.0f;
+    const auto bits = std::bit_cast<std::uint32_t>(s);
+    return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+}
+
+/// Top-k with the tie rule; see CpuBackend::top_pages. A radix select finds the k-th largest key a byte
+/// at a time from the top, and how many of the keys equal to it still get a place; one pass in index
+/// order then takes every larger key and the first of the equal ones, which is the tie rule and leaves
+/// the result ascending without a sort: O(n). Three passes over all n scores, the others over the few
+/// that share the leading byte (kept at the front of `order`, which the last pass overwrites behind itself).
 inline std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order) {
-    std::iota(order.begin(), order.begin() + n, 0);
-    if (k >= n) return n;
+    if (k >= n) {
+        std::iota(order.begin(), order.begin() + std::max(n, 0), 0);
+        return std::max(n, 0);
+    }
     if (k <= 0) return 0;
-    const auto key = [&](std::int32_t i) {
-        const float s = scores[static_cast<std::size_t>(i)];
-        return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
-    };
-    const auto better = [&](std::int32_t a, std::int32_t b) {
-        const float x = key(a), y = key(b);
-        return x > y || (x == y && a < b);
-    };
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.begin() + n, better);
-    std::sort(order.begin(), order.begin() + k);
-    return k;
+    const auto key = [&](std::int32_t i) { return score_key(scores[static_cast<std::size_t>(i)]); };
+    std::uint32_t threshold = 0;  // the bytes of the k-th largest key found so far
+    std::int32_t wanted = k;      // how many keys that share them are still to take
+    std::int32_t candidates = 0;  // after the first byte: order[0, candidates) share it
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        std::int32_t count[256] = {};
+        if (shift == 24) {
+            for (std::int32_t i = 0; i < n; ++i) ++count[key(i) >> 24];
+        } else {
+            for (std::int32_t c = 0; c < candidates; ++c) ++count[(key(order[static_cast<std::size_t>(c)]) >> shift) & 0xffu];
+        }
+        std::uint32_t digit = 255;
+        while (count[digit] < wanted) wanted -= count[digit--];
+        threshold |= digit << shift;
+        if (shift == 24) {
+            for (std::int32_t i = 0; i < n; ++i)
+                if (key(i) >> 24 == digit) order[static_cast<std::size_t>(candidates++)] = i;
+        } else {
+            std::int32_t kept = 0;
+            for (std::int32_t c = 0; c < candidates; ++c) {
+                const std::int32_t i = order[static_cast<std::size_t>(c)];
+                if (((key(i) >> shift) & 0xffu) == digit) order[static_cast<std::size_t>(kept++)] = i;
+            }
+            candidates = kept;
+        }
+    }
+    std::int32_t taken = 0;
+    for (std::int32_t i = 0; i < n; ++i) {
+        const std::uint32_t x = key(i);
+        if (x > threshold || (x == threshold && wanted-- > 0)) order[static_cast<std::size_t>(taken++)] = i;
+    }
+    return taken;
 }
 
 }  // namespace kvsparse::detail::pages
