@@ -12,6 +12,7 @@
 // scratch the selection needs, so nothing is allocated while selecting. PageLists are caller-owned
 // FlashInfer-style outputs (indptr / indices / last_page_len) for engines that run their own kernels.
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -28,6 +29,20 @@ enum class GqaAggregation : std::uint8_t {
     sum,             ///< per page, the sum of the group's scores
     per_query_head,  ///< every query head selects on its own (the original Quest)
 };
+
+/// One step of Quest's page score U = sum_d max(q_d * kmax_d, q_d * kmin_d): acc plus q_d times the bound
+/// on the side of q_d's sign, fused (one rounding, so no compiler can contract it differently). Float
+/// products round monotonically, so the product is the larger of the two (for a query element of -0,
+/// both are zeros). The order the terms are added in is fixed (CpuBackend::page_scores): every backend
+/// must follow it to select the same pages on ties.
+KVSPARSE_HD inline float page_score_add(float acc, float q, float kmin, float kmax) {
+    const float bound = (detail::float_bits(q) >> 31) != 0 ? kmin : kmax;
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(q, bound, acc);
+#else
+    return std::fma(q, bound, acc);
+#endif
+}
 
 /// Writable bounds of one stream: page p's kmin at `data + p * page_stride`, its kmax `head_dim`
 /// elements later. T may be const (read-only use).

@@ -294,6 +294,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
 
 #if KVSPARSE_CPU_X86
 
+// Function attributes of the vectorized paths (also used by detail/cpu_page_scores_simd.hpp).
 #define KVSPARSE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 /// Whether this CPU (and its OS) runs the AVX2 path: AVX2, FMA and F16C, with YMM state saved by the OS.
@@ -537,8 +538,6 @@ KVSPARSE_AVX2 void value_pass_avx2(const AttendArgs<T>& a, Scratch s) {
     }
 }
 
-#undef KVSPARSE_AVX2
-
 // ---- x86: AVX-512 (sixteen lanes; head dimensions that are a multiple of 16) --------------------------
 
 #define KVSPARSE_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -761,8 +760,6 @@ KVSPARSE_AVX512 void value_pass_avx512(const AttendArgs<T>& a, Scratch s) {
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
-
-#undef KVSPARSE_AVX512
 
 #endif  // KVSPARSE_CPU_X86
 

@@ -1,19 +1,16 @@
 #pragma once
-// Quest's upper-bound page scores with AVX-512 or AVX2 (and F16C for float16 bounds), the same numbers bit
-// for bit as detail::pages::page_scores_portable: element d goes to lane d % 8, each lane adds in order of d the term
-// max(q_d * kmax_d, q_d * kmin_d) (a product, a product, a max, an add: no FMA, no reassociation), and
-// U = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), which is exactly what the hadd tree of sum8x8
-// computes. Rows aggregate in row order as there. Up to eight query rows share each page's widened bounds.
+// Quest's upper-bound page scores with AVX-512 or AVX2 (and F16C for float16 bounds): a run of pages scored
+// for up to eight query rows, which share each page's widened bounds. The same numbers bit for bit as
+// detail::pages::page_rows_portable, which defines the order: element d is added to lane d % 16 in order
+// of d by page_score_add (a select by q_d's sign bit and a fused multiply-add); then lane j and j + 8
+// are added, and the eight sums are combined as ((h0 + h1) + (h2 + h3)) + ((h4 + h5) + (h6 + h7)), which
+// is what the hadd tree of sum8x8 computes.
 //
-// page_scores_simd returns false (and does nothing) where it does not apply: not x86, no AVX2/F16C, or a
-// head dimension that is not a multiple of 8. The caller then runs the portable loop. AVX-512 needs a
-// multiple of 16.
+// page_rows_simd gives the kernels for this CPU and head dimension, or nullptr where none applies: not
+// x86, no AVX2/F16C, or a head dimension that is not a multiple of 8 (AVX-512: of 16, and at most 512).
 
 #include <cstddef>
 #include <cstdint>
-#include <limits>
-#include <span>
-#include <type_traits>
 
 #include "kvsparse/detail/cpu_attention.hpp"
 #include "kvsparse/dtype.hpp"
@@ -21,90 +18,127 @@
 
 namespace kvsparse::detail::cpu {
 
+/// Scores of pages [first, first + count) of `bounds` for the query rows [Rows][head_dim] at q, into
+/// u[(page - first) * Rows + r]; kernels come as a table indexed by Rows - 1.
+template <storage_type T>
+using PageRows = void (*)(const KeyBounds<const T>& bounds, std::int32_t first, std::int32_t count, const float* q, float* u);
+constexpr std::size_t page_rows_batch = 8;
+
+/// Requests page `page + ahead` (about 4 KiB ahead) while page `page` is scored.
+template <storage_type T>
+inline void prefetch_bounds(const KeyBounds<const T>& bounds, std::int32_t page) {
+    const std::size_t page_bytes = 2 * static_cast<std::size_t>(bounds.head_dim) * sizeof(T);
+    const auto ahead = static_cast<std::int32_t>(prefetch_rows(page_bytes));
+    if (page + ahead < bounds.pages) prefetch_row(bounds.kmin(page + ahead), page_bytes);
+}
+
 #if KVSPARSE_CPU_X86
 
-/// Scores of page `page` for `Rows` (1..8) query rows at `q`: lane r of the result is row r's U.
-template <int Rows, storage_type T>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 page_rows(const T* lo_page, const T* hi_page, const float* q,
-                                                                 std::size_t dim) {
-    __m256 acc[8];
-    for (__m256& a : acc) a = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; d += 8) {
-        const __m256 lo = load8(lo_page + d);
-        const __m256 hi = load8(hi_page + d);
-        for (int r = 0; r < Rows; ++r) {
-            const __m256 qv = _mm256_loadu_ps(q + static_cast<std::size_t>(r) * dim + d);
-            acc[r] = _mm256_add_ps(acc[r], _mm256_max_ps(_mm256_mul_ps(qv, hi), _mm256_mul_ps(qv, lo)));
-        }
-    }
-    return sum8x8(acc);
+// Both kernels score Group consecutive pages for Rows rows at once, so that one sum8x8 reduces the
+// Rows * Group sums of up to eight (AVX2: four) accumulators.
+
+/// page_score_add on eight elements: kmin where q's sign bit is set, else kmax.
+KVSPARSE_AVX2 inline __m256 add_terms(__m256 acc, __m256 qv, __m256 lo, __m256 hi) {
+    return _mm256_fmadd_ps(qv, _mm256_blendv_ps(hi, lo, qv), acc);
 }
 
-template <storage_type T>
-__attribute__((target("avx2,fma,f16c"))) void page_scores_avx2(const KeyBounds<const T>& bounds, std::int32_t pages,
-                                                               const float* queries, std::size_t rows,
-                                                               GqaAggregation mode, float* scores) {
+template <int Rows, int Group, storage_type T>
+KVSPARSE_AVX2 inline void page_group_avx2(const KeyBounds<const T>& bounds, std::int32_t page, const float* q, float* u) {
+    constexpr int sums = Rows * Group;
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
-    const std::size_t page_bytes = 2 * dim * sizeof(T);
-    const std::int32_t ahead = static_cast<std::int32_t>(prefetch_rows(page_bytes));  // about 4 KiB ahead
-    for (std::int32_t i = 0; i < pages; ++i) {
-        const T* lo = bounds.kmin(i);
-        const T* hi = bounds.kmax(i);
-        if (i + ahead < pages) prefetch_row(bounds.kmin(i + ahead), page_bytes);
-        float aggregate = mode == GqaAggregation::sum ? 0.0f : -std::numeric_limits<float>::infinity();
-        for (std::size_t r0 = 0; r0 < rows; r0 += 8) {
-            const std::size_t nb = rows - r0 < 8 ? rows - r0 : 8;
-            const float* q = queries + r0 * dim;
-            __m256 u8;
-            switch (nb) {
-                case 1: u8 = page_rows<1>(lo, hi, q, dim); break;
-                case 2: u8 = page_rows<2>(lo, hi, q, dim); break;
-                case 3: u8 = page_rows<3>(lo, hi, q, dim); break;
-                case 4: u8 = page_rows<4>(lo, hi, q, dim); break;
-                case 5: u8 = page_rows<5>(lo, hi, q, dim); break;
-                case 6: u8 = page_rows<6>(lo, hi, q, dim); break;
-                case 7: u8 = page_rows<7>(lo, hi, q, dim); break;
-                default: u8 = page_rows<8>(lo, hi, q, dim); break;
-            }
-            alignas(32) float u[8];
-            _mm256_store_ps(u, u8);
-            for (std::size_t r = 0; r < nb; ++r) {
-                if (mode == GqaAggregation::per_query_head) {
-                    scores[(r0 + r) * static_cast<std::size_t>(pages) + static_cast<std::size_t>(i)] = u[r];
-                } else if (mode == GqaAggregation::sum) {
-                    aggregate += u[r];
-                } else {
-                    aggregate = u[r] > aggregate ? u[r] : aggregate;
-                }
+    __m256 low[8], high[sums];  // lanes 0-7 and 8-15 of each sum
+    for (int j = 0; j < 8; ++j) low[j] = _mm256_setzero_ps();
+    for (int j = 0; j < sums; ++j) high[j] = _mm256_setzero_ps();
+    for (int g = 0; g < Group; ++g) {
+        const T* kmin = bounds.kmin(page + g);
+        const T* kmax = kmin + dim;
+        std::size_t d = 0;
+        for (; d + 16 <= dim; d += 16) {
+            const __m256 lo0 = load8(kmin + d), hi0 = load8(kmax + d);
+            const __m256 lo1 = load8(kmin + d + 8), hi1 = load8(kmax + d + 8);
+            for (int r = 0; r < Rows; ++r) {
+                const float* qr = q + static_cast<std::size_t>(r) * dim + d;
+                low[g * Rows + r] = add_terms(low[g * Rows + r], _mm256_loadu_ps(qr), lo0, hi0);
+                high[g * Rows + r] = add_terms(high[g * Rows + r], _mm256_loadu_ps(qr + 8), lo1, hi1);
             }
         }
-        if (mode != GqaAggregation::per_query_head) scores[static_cast<std::size_t>(i)] = aggregate;
+        if (d < dim) {  // dim % 16 == 8: the last eight elements go to lanes 0-7
+            const __m256 lo0 = load8(kmin + d), hi0 = load8(kmax + d);
+            for (int r = 0; r < Rows; ++r)
+                low[g * Rows + r] = add_terms(low[g * Rows + r], _mm256_loadu_ps(q + static_cast<std::size_t>(r) * dim + d), lo0, hi0);
+        }
     }
+    for (int j = 0; j < sums; ++j) low[j] = _mm256_add_ps(low[j], high[j]);
+    alignas(32) float all[8];
+    _mm256_store_ps(all, sum8x8(low));
+    for (int j = 0; j < sums; ++j) u[j] = all[j];
 }
 
-/// AVX-512: the products and maxima sixteen lanes at a time; the sums still eight lanes wide, the lower
-/// half of each sixteen elements first, so that lane d % 8 adds in order of d as above.
+template <int Rows, storage_type T>
+KVSPARSE_AVX2 void page_rows_avx2(const KeyBounds<const T>& bounds, std::int32_t first, std::int32_t count, const float* q, float* u) {
+    constexpr int group = Rows > 2 ? 1 : 4 / Rows;
+    std::int32_t i = 0;
+    for (; i + group <= count; i += group) {
+        for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
+        page_group_avx2<Rows, group>(bounds, first + i, q, u + i * Rows);
+    }
+    for (; i < count; ++i) page_group_avx2<Rows, 1>(bounds, first + i, q, u + i * Rows);
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's AVX-512 intrinsics, see cpu_attention.hpp
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
-template <int Rows, storage_type T>
-__attribute__((target("avx512f,avx2,fma,f16c"))) inline __m256 page_rows16(const T* lo_page, const T* hi_page,
-                                                                           const float* q, std::size_t dim) {
-    __m256 acc[8];
-    for (__m256& a : acc) a = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; d += 16) {
-        const __m512 lo = load16(lo_page + d);
-        const __m512 hi = load16(hi_page + d);
-        for (int r = 0; r < Rows; ++r) {
-            const __m512 qv = _mm512_loadu_ps(q + static_cast<std::size_t>(r) * dim + d);
-            const __m512 term = _mm512_max_ps(_mm512_mul_ps(qv, hi), _mm512_mul_ps(qv, lo));
-            acc[r] = _mm256_add_ps(acc[r], _mm512_castps512_ps256(term));
-            acc[r] = _mm256_add_ps(acc[r], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(term), 1)));
+/// Head dimensions up to this many elements take the AVX-512 path (the sign masks of the query rows are
+/// kept on the stack).
+constexpr std::int32_t avx512_page_rows_max_dim = 512;
+
+template <int Rows, int Group, storage_type T>
+KVSPARSE_AVX512 inline void page_group_avx512(const KeyBounds<const T>& bounds, std::int32_t page, const float* q,
+                                              const __mmask16* negative, float* u) {
+    constexpr int sums = Rows * Group;
+    const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
+    __m512 acc[sums];  // lanes 0-15 of each sum
+    for (int j = 0; j < sums; ++j) acc[j] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int g = 0; g < Group; ++g) {
+        const T* kmin = bounds.kmin(page + g);
+        const T* kmax = kmin + dim;
+        for (std::size_t d = 0, c = 0; d < dim; d += 16, ++c) {
+            const __m512 lo = load16(kmin + d), hi = load16(kmax + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < Rows; ++r) {
+                const __m512 qv = _mm512_loadu_ps(q + static_cast<std::size_t>(r) * dim + d);
+                const __m512 bound = _mm512_mask_blend_ps(negative[static_cast<std::size_t>(r) * (dim / 16) + c], hi, lo);
+                acc[g * Rows + r] = _mm512_fmadd_ps(qv, bound, acc[g * Rows + r]);
+            }
         }
     }
-    return sum8x8(acc);
+    __m256 folded[8];
+    for (int j = 0; j < sums; ++j) folded[j] = fold16(acc[j]);
+    for (int j = sums; j < 8; ++j) folded[j] = _mm256_setzero_ps();
+    alignas(32) float all[8];
+    _mm256_store_ps(all, sum8x8(folded));
+    for (int j = 0; j < sums; ++j) u[j] = all[j];
+}
+
+template <int Rows, storage_type T>
+KVSPARSE_AVX512 void page_rows_avx512(const KeyBounds<const T>& bounds, std::int32_t first, std::int32_t count, const float* q, float* u) {
+    // Which elements of each row are negative (their sign bit), once for all pages.
+    constexpr std::size_t max_chunks = avx512_page_rows_max_dim / 16;
+    const std::size_t chunks = static_cast<std::size_t>(bounds.head_dim) / 16;
+    __mmask16 negative[Rows * max_chunks];
+    for (std::size_t j = 0; j < Rows * chunks; ++j)
+        negative[j] = _mm512_cmplt_epi32_mask(_mm512_castps_si512(_mm512_loadu_ps(q + 16 * j)), _mm512_setzero_si512());
+    constexpr int group = Rows > 4 ? 1 : 8 / Rows;
+    std::int32_t i = 0;
+    for (; i + group <= count; i += group) {
+        for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
+        page_group_avx512<Rows, group>(bounds, first + i, q, negative, u + i * Rows);
+    }
+    for (; i < count; ++i) page_group_avx512<Rows, 1>(bounds, first + i, q, negative, u + i * Rows);
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -112,69 +146,28 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) inline __m256 page_rows16(const
 #endif
 
 template <storage_type T>
-__attribute__((target("avx512f,avx2,fma,f16c"))) void page_scores_avx512(const KeyBounds<const T>& bounds,
-                                                                         std::int32_t pages, const float* queries,
-                                                                         std::size_t rows, GqaAggregation mode,
-                                                                         float* scores) {
-    const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
-    const std::size_t page_bytes = 2 * dim * sizeof(T);
-    const std::int32_t ahead = static_cast<std::int32_t>(prefetch_rows(page_bytes));  // about 4 KiB ahead
-    for (std::int32_t i = 0; i < pages; ++i) {
-        const T* lo = bounds.kmin(i);
-        const T* hi = bounds.kmax(i);
-        if (i + ahead < pages) prefetch_row(bounds.kmin(i + ahead), page_bytes);
-        float aggregate = mode == GqaAggregation::sum ? 0.0f : -std::numeric_limits<float>::infinity();
-        for (std::size_t r0 = 0; r0 < rows; r0 += 8) {
-            const std::size_t nb = rows - r0 < 8 ? rows - r0 : 8;
-            const float* q = queries + r0 * dim;
-            __m256 u8;
-            switch (nb) {
-                case 1: u8 = page_rows16<1>(lo, hi, q, dim); break;
-                case 2: u8 = page_rows16<2>(lo, hi, q, dim); break;
-                case 3: u8 = page_rows16<3>(lo, hi, q, dim); break;
-                case 4: u8 = page_rows16<4>(lo, hi, q, dim); break;
-                case 5: u8 = page_rows16<5>(lo, hi, q, dim); break;
-                case 6: u8 = page_rows16<6>(lo, hi, q, dim); break;
-                case 7: u8 = page_rows16<7>(lo, hi, q, dim); break;
-                default: u8 = page_rows16<8>(lo, hi, q, dim); break;
-            }
-            alignas(32) float u[8];
-            _mm256_store_ps(u, u8);
-            for (std::size_t r = 0; r < nb; ++r) {
-                if (mode == GqaAggregation::per_query_head) {
-                    scores[(r0 + r) * static_cast<std::size_t>(pages) + static_cast<std::size_t>(i)] = u[r];
-                } else if (mode == GqaAggregation::sum) {
-                    aggregate += u[r];
-                } else {
-                    aggregate = u[r] > aggregate ? u[r] : aggregate;
-                }
-            }
-        }
-        if (mode != GqaAggregation::per_query_head) scores[static_cast<std::size_t>(i)] = aggregate;
-    }
-}
+inline constexpr PageRows<T> avx2_page_rows[page_rows_batch] = {
+    page_rows_avx2<1, T>, page_rows_avx2<2, T>, page_rows_avx2<3, T>, page_rows_avx2<4, T>,
+    page_rows_avx2<5, T>, page_rows_avx2<6, T>, page_rows_avx2<7, T>, page_rows_avx2<8, T>};
+
+template <storage_type T>
+inline constexpr PageRows<T> avx512_page_rows[page_rows_batch] = {
+    page_rows_avx512<1, T>, page_rows_avx512<2, T>, page_rows_avx512<3, T>, page_rows_avx512<4, T>,
+    page_rows_avx512<5, T>, page_rows_avx512<6, T>, page_rows_avx512<7, T>, page_rows_avx512<8, T>};
 
 #endif  // KVSPARSE_CPU_X86
 
-/// Page scores as detail::pages::page_scores_portable computes them, vectorized with the widest instruction
-/// set this CPU has, up to `widest` (tests ask for each); false when there is none for this CPU or shape
-/// (nothing is written then).
-template <class T>
-bool page_scores_simd(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries, std::int32_t rows,
-                      GqaAggregation mode, std::span<float> scores, Isa widest = Isa::avx512) {
+/// The page-score kernels with the widest instruction set this CPU has for head dimension `dim`, up to
+/// `widest` (tests ask for each); nullptr when none applies.
+template <storage_type T>
+const PageRows<T>* page_rows_simd(std::int32_t dim, Isa widest) {
 #if KVSPARSE_CPU_X86
-    using Stored = std::remove_const_t<T>;
-    if (widest == Isa::portable || bounds.head_dim % 8 != 0 || rows <= 0 || !has_avx2_fma_f16c()) return false;
-    const KeyBounds<const Stored> view{bounds.data, bounds.pages, bounds.page_size, bounds.head_dim, bounds.page_stride};
-    if (widest == Isa::avx512 && bounds.head_dim % 16 == 0 && has_avx512f()) {
-        page_scores_avx512<Stored>(view, pages, queries.data(), static_cast<std::size_t>(rows), mode, scores.data());
-    } else {
-        page_scores_avx2<Stored>(view, pages, queries.data(), static_cast<std::size_t>(rows), mode, scores.data());
-    }
-    return true;
+    if (widest == Isa::portable || dim % 8 != 0 || !has_avx2_fma_f16c()) return nullptr;
+    if (widest == Isa::avx512 && dim % 16 == 0 && dim <= avx512_page_rows_max_dim && has_avx512f()) return avx512_page_rows<T>;
+    return avx2_page_rows<T>;
 #else
-    (void)bounds, (void)pages, (void)queries, (void)rows, (void)mode, (void)scores, (void)widest;
-    return false;
+    (void)dim, (void)widest;
+    return nullptr;
 #endif
 }
 

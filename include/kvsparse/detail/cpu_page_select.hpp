@@ -42,98 +42,102 @@ void update_key_bounds(const KeyBounds<T>& bounds, std::int32_t page, const K* k
     }
 }
 
-/// Adds max(q_d * hi_d, q_d * lo_d) for d in [0, len) to lanes[d % 8]. Eight named accumulators: both
-/// compilers turn them into vector registers (an array indexed in an inner loop is not always).
-inline void add_page_row(const float* q, const float* lo, const float* hi, std::size_t len, float* lanes) {
-    const auto term = [&](std::size_t d) {
-        const float a = q[d] * hi[d];
-        const float b = q[d] * lo[d];
-        return a > b ? a : b;
-    };
-    float a0 = lanes[0], a1 = lanes[1], a2 = lanes[2], a3 = lanes[3];
-    float a4 = lanes[4], a5 = lanes[5], a6 = lanes[6], a7 = lanes[7];
+/// Adds q_d's term (page_score_add) for d in [0, len) to lanes[d % 16], each lane in order of d.
+inline void add_page_row(const float* q, const float* lo, const float* hi, std::size_t len, float (&lanes)[16]) {
+    float acc[16];
+    for (std::size_t j = 0; j < 16; ++j) acc[j] = lanes[j];
     std::size_t d = 0;
-    for (; d + 8 <= len; d += 8) {
-        a0 += term(d);
-        a1 += term(d + 1);
-        a2 += term(d + 2);
-        a3 += term(d + 3);
-        a4 += term(d + 4);
-        a5 += term(d + 5);
-        a6 += term(d + 6);
-        a7 += term(d + 7);
-    }
-    lanes[0] = a0;
-    lanes[1] = a1;
-    lanes[2] = a2;
-    lanes[3] = a3;
-    lanes[4] = a4;
-    lanes[5] = a5;
-    lanes[6] = a6;
-    lanes[7] = a7;
-    for (; d < len; ++d) lanes[d % 8] += term(d);
+    for (; d + 16 <= len; d += 16)
+        for (std::size_t j = 0; j < 16; ++j) acc[j] = page_score_add(acc[j], q[d + j], lo[d + j], hi[d + j]);
+    for (; d < len; ++d) acc[d % 16] = page_score_add(acc[d % 16], q[d], lo[d], hi[d]);
+    for (std::size_t j = 0; j < 16; ++j) lanes[j] = acc[j];
 }
 
-/// Upper-bound page scores; see CpuBackend::page_scores.
-///
-/// Summation order (a CUDA port must follow it to select the same pages on exact ties): element d goes
-/// to lane d % 8, lanes add in order of d, and U = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
-/// The fixed lanes let the compiler vectorize the loop without reassociating anything. Each page's
-/// bounds are widened to float once per batch of up to 64 query rows, in chunks of 128 elements.
-template <class T>
-void page_scores_portable(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries,
-                          std::int32_t rows, GqaAggregation mode, std::span<float> scores) {
-    using Stored = std::remove_const_t<T>;
-    constexpr std::size_t lanes = 8, chunk = 128, batch = 64;
+/// Quest's page scores of pages [first, first + count) for the query rows [Rows][head_dim] at q, into
+/// u[(page - first) * Rows + r]; see CpuBackend::page_scores. This loop defines the summation order,
+/// which the vectorized kernels (detail/cpu_page_scores_simd.hpp) and a CUDA port must follow for every
+/// backend to select the same pages on exact ties: element d goes to lane d % 16 and lanes add in order
+/// of d; then h_j = l_j + l_(j+8) and U = ((h0 + h1) + (h2 + h3)) + ((h4 + h5) + (h6 + h7)). A page's
+/// bounds are widened to float once for all rows, in chunks of 128 elements.
+template <int Rows, storage_type T>
+void page_rows_portable(const KeyBounds<const T>& bounds, std::int32_t first, std::int32_t count, const float* q, float* u) {
+    constexpr std::size_t chunk = 128;  // a multiple of 16: lanes carry over between chunks
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
-    const std::size_t n_rows = static_cast<std::size_t>(rows);
     float lo_chunk[chunk], hi_chunk[chunk];
-    float partial[batch][lanes];
-    for (std::int32_t i = 0; i < pages; ++i) {
-        const Stored* lo_page = bounds.kmin(i);
-        const Stored* hi_page = bounds.kmax(i);
-        float aggregate = mode == GqaAggregation::sum ? 0.0f : -std::numeric_limits<float>::infinity();
-        for (std::size_t r0 = 0; r0 < n_rows; r0 += batch) {
-            const std::size_t nb = std::min(batch, n_rows - r0);
-            for (std::size_t r = 0; r < nb; ++r)
-                for (std::size_t j = 0; j < lanes; ++j) partial[r][j] = 0.0f;
-            for (std::size_t c = 0; c < dim; c += chunk) {
-                const std::size_t len = std::min(chunk, dim - c);
-                const float* lo = lo_chunk;
-                const float* hi = hi_chunk;
-                if constexpr (std::is_same_v<Stored, float>) {
-                    lo = lo_page + c;
-                    hi = hi_page + c;
-                } else {
-                    for (std::size_t d = 0; d < len; ++d) {
-                        lo_chunk[d] = to_float(lo_page[c + d]);
-                        hi_chunk[d] = to_float(hi_page[c + d]);
-                    }
-                }
-                for (std::size_t r = 0; r < nb; ++r) add_page_row(queries.data() + (r0 + r) * dim + c, lo, hi, len, partial[r]);
-            }
-            for (std::size_t r = 0; r < nb; ++r) {
-                const float* p = partial[r];
-                const float u = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-                if (mode == GqaAggregation::per_query_head) {
-                    scores[(r0 + r) * static_cast<std::size_t>(pages) + static_cast<std::size_t>(i)] = u;
-                } else if (mode == GqaAggregation::sum) {
-                    aggregate += u;
-                } else {
-                    aggregate = u > aggregate ? u : aggregate;
+    for (std::int32_t i = 0; i < count; ++i) {
+        cpu::prefetch_bounds(bounds, first + i);
+        const T* kmin = bounds.kmin(first + i);
+        const T* kmax = bounds.kmax(first + i);
+        float lanes[Rows][16] = {};
+        for (std::size_t c = 0; c < dim; c += chunk) {
+            const std::size_t len = std::min(chunk, dim - c);
+            const float* lo = lo_chunk;
+            const float* hi = hi_chunk;
+            if constexpr (std::is_same_v<T, float>) {
+                lo = kmin + c;
+                hi = kmax + c;
+            } else {
+                for (std::size_t d = 0; d < len; ++d) {
+                    lo_chunk[d] = to_float(kmin[c + d]);
+                    hi_chunk[d] = to_float(kmax[c + d]);
                 }
             }
+            for (int r = 0; r < Rows; ++r) add_page_row(q + static_cast<std::size_t>(r) * dim + c, lo, hi, len, lanes[r]);
         }
-        if (mode != GqaAggregation::per_query_head) scores[static_cast<std::size_t>(i)] = aggregate;
+        for (int r = 0; r < Rows; ++r) {
+            float h[8];
+            for (std::size_t j = 0; j < 8; ++j) h[j] = lanes[r][j] + lanes[r][j + 8];
+            u[i * Rows + r] = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
+        }
     }
 }
 
-/// The same, with AVX-512 or AVX2 where the CPU has them (detail/cpu_page_scores_simd.hpp: the same
-/// numbers bit for bit), else the loop above.
+template <storage_type T>
+inline constexpr cpu::PageRows<T> portable_page_rows[cpu::page_rows_batch] = {
+    page_rows_portable<1, T>, page_rows_portable<2, T>, page_rows_portable<3, T>, page_rows_portable<4, T>,
+    page_rows_portable<5, T>, page_rows_portable<6, T>, page_rows_portable<7, T>, page_rows_portable<8, T>};
+
+/// Upper-bound page scores; see CpuBackend::page_scores. Pages are scored a run of 64 at a time for up
+/// to eight query rows (more rows: the run again for the next eight, from the caches) by the widest
+/// kernel this CPU has (up to `widest`; tests ask for each), all of which give the same numbers bit for
+/// bit; rows aggregate in row order.
 template <class T>
 void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries, std::int32_t rows,
-                 GqaAggregation mode, std::span<float> scores) {
-    if (!cpu::page_scores_simd(bounds, pages, queries, rows, mode, scores)) page_scores_portable(bounds, pages, queries, rows, mode, scores);
+                 GqaAggregation mode, std::span<float> scores, cpu::Isa widest = cpu::Isa::avx512) {
+    using Stored = std::remove_const_t<T>;
+    const cpu::PageRows<Stored>* kernels = cpu::page_rows_simd<Stored>(bounds.head_dim, widest);
+    if (kernels == nullptr) kernels = portable_page_rows<Stored>;
+    const KeyBounds<const Stored> view = bounds.read_only();
+    const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
+    const std::size_t n_rows = static_cast<std::size_t>(std::max(rows, 0));
+    constexpr std::int32_t run = 64;
+    float u[run * cpu::page_rows_batch];
+    for (std::int32_t first = 0; first < pages; first += run) {
+        const std::int32_t count = std::min(run, pages - first);
+        for (std::size_t r0 = 0; r0 < n_rows; r0 += cpu::page_rows_batch) {
+            const std::size_t nb = std::min(cpu::page_rows_batch, n_rows - r0);
+            kernels[nb - 1](view, first, count, queries.data() + r0 * dim, u);
+            for (std::int32_t i = 0; i < count; ++i) {
+                const float* page_u = u + static_cast<std::size_t>(i) * nb;
+                const auto page = static_cast<std::size_t>(first + i);
+                if (mode == GqaAggregation::per_query_head) {
+                    for (std::size_t r = 0; r < nb; ++r) scores[(r0 + r) * static_cast<std::size_t>(pages) + page] = page_u[r];
+                    continue;
+                }
+                float aggregate = r0 > 0                        ? scores[page]
+                                  : mode == GqaAggregation::sum ? 0.0f
+                                                                : -std::numeric_limits<float>::infinity();
+                for (std::size_t r = 0; r < nb; ++r) {
+                    if (mode == GqaAggregation::sum) {
+                        aggregate += page_u[r];
+                    } else {
+                        aggregate = page_u[r] > aggregate ? page_u[r] : aggregate;
+                    }
+                }
+                scores[page] = aggregate;
+            }
+        }
+    }
 }
 
 /// An order-preserving image of a score as an unsigned key: a > b exactly when key(a) > key(b), with NaN
@@ -145,47 +149,46 @@ inline std::uint32_t score_key(float s) {
     return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
 }
 
-/// Top-k with the tie rule; see CpuBackend::top_pages. A radix select finds the k-th largest key a byte
-/// at a time from the top, and how many of the keys equal to it still get a place; one pass in index
-/// order then takes every larger key and the first of the equal ones, which is the tie rule and leaves
-/// the result ascending without a sort: O(n). Three passes over all n scores, the others over the few
-/// that share the leading byte (kept at the front of `order`, which the last pass overwrites behind itself).
+/// Top-k with the tie rule; see CpuBackend::top_pages. A radix select finds the k-th largest key, and
+/// how many of the keys equal to it still get a place; one pass in index order then takes every larger
+/// key and the first of the equal ones, which is the tie rule and leaves the result ascending without a
+/// sort: O(n). Every key shares the bits above the highest one where the smallest and the largest key
+/// differ, so the select starts there, up to eight bits a pass: scores in a narrow range (the usual
+/// case) spread over the buckets from the first pass on. The keys live in `order` until the last pass
+/// overwrites them behind itself.
 inline std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order) {
     if (k >= n) {
         std::iota(order.begin(), order.begin() + std::max(n, 0), 0);
         return std::max(n, 0);
     }
     if (k <= 0) return 0;
-    const auto key = [&](std::int32_t i) { return score_key(scores[static_cast<std::size_t>(i)]); };
-    std::uint32_t threshold = 0;  // the bytes of the k-th largest key found so far
-    std::int32_t wanted = k;      // how many keys that share them are still to take
-    std::int32_t candidates = 0;  // after the first byte: order[0, candidates) share it
-    for (int shift = 24; shift >= 0; shift -= 8) {
+    auto* keys = reinterpret_cast<std::uint32_t*>(order.data());
+    std::uint32_t low = ~0u, high = 0;
+    for (std::int32_t i = 0; i < n; ++i) {
+        const std::uint32_t key = score_key(scores[static_cast<std::size_t>(i)]);
+        keys[i] = key;
+        low = std::min(low, key);
+        high = std::max(high, key);
+    }
+    int top = std::bit_width(low ^ high) - 1;  // the highest bit still to decide; -1: all keys are equal
+    std::uint32_t mask = top == 31 ? 0u : ~0u << (top + 1);  // the bits decided so far
+    std::uint32_t threshold = high & mask;                      // their values in the k-th largest key
+    std::int32_t wanted = k;                                    // keys that share them still to take
+    while (top >= 0) {
+        const int shift = std::max(0, top - 7);
+        const std::uint32_t digits = (2u << (top - shift)) - 1;
         std::int32_t count[256] = {};
-        if (shift == 24) {
-            for (std::int32_t i = 0; i < n; ++i) ++count[key(i) >> 24];
-        } else {
-            for (std::int32_t c = 0; c < candidates; ++c) ++count[(key(order[static_cast<std::size_t>(c)]) >> shift) & 0xffu];
-        }
-        std::uint32_t digit = 255;
+        for (std::int32_t i = 0; i < n; ++i) count[(keys[i] >> shift) & digits] += (keys[i] & mask) == threshold;
+        std::uint32_t digit = digits;
         while (count[digit] < wanted) wanted -= count[digit--];
         threshold |= digit << shift;
-        if (shift == 24) {
-            for (std::int32_t i = 0; i < n; ++i)
-                if (key(i) >> 24 == digit) order[static_cast<std::size_t>(candidates++)] = i;
-        } else {
-            std::int32_t kept = 0;
-            for (std::int32_t c = 0; c < candidates; ++c) {
-                const std::int32_t i = order[static_cast<std::size_t>(c)];
-                if (((key(i) >> shift) & 0xffu) == digit) order[static_cast<std::size_t>(kept++)] = i;
-            }
-            candidates = kept;
-        }
+        mask |= digits << shift;
+        top = shift - 1;
     }
     std::int32_t taken = 0;
     for (std::int32_t i = 0; i < n; ++i) {
-        const std::uint32_t x = key(i);
-        if (x > threshold || (x == threshold && wanted-- > 0)) order[static_cast<std::size_t>(taken++)] = i;
+        const std::uint32_t key = keys[i];
+        if (key > threshold || (key == threshold && wanted-- > 0)) order[static_cast<std::size_t>(taken++)] = i;
     }
     return taken;
 }
