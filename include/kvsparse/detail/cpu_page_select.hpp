@@ -153,9 +153,10 @@ inline std::uint32_t score_key(float s) {
 /// how many of the keys equal to it still get a place; one pass in index order then takes every larger
 /// key and the first of the equal ones, which is the tie rule and leaves the result ascending without a
 /// sort: O(n). Every key shares the bits above the highest one where the smallest and the largest key
-/// differ, so the select starts there, up to eight bits a pass: scores in a narrow range (the usual
-/// case) spread over the buckets from the first pass on. The keys live in `order` until the last pass
-/// overwrites them behind itself.
+/// differ, so the select starts there, up to eleven bits a pass: scores in a narrow range (the usual
+/// case) spread over the buckets from the first pass on, and one pass mostly settles it (once the
+/// bucket of the k-th key is to be taken whole, the lower bits need not be decided). The keys live in
+/// `order` until the last pass overwrites them behind itself.
 inline std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order) {
     if (k >= n) {
         std::iota(order.begin(), order.begin() + std::max(n, 0), 0);
@@ -175,20 +176,21 @@ inline std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std
     std::uint32_t threshold = high & mask;                      // their values in the k-th largest key
     std::int32_t wanted = k;                                    // keys that share them still to take
     while (top >= 0) {
-        const int shift = std::max(0, top - 7);
+        const int shift = std::max(0, top - 10);
         const std::uint32_t digits = (2u << (top - shift)) - 1;
-        std::int32_t count[256] = {};
+        std::int32_t count[2048] = {};
         for (std::int32_t i = 0; i < n; ++i) count[(keys[i] >> shift) & digits] += (keys[i] & mask) == threshold;
         std::uint32_t digit = digits;
         while (count[digit] < wanted) wanted -= count[digit--];
         threshold |= digit << shift;
         mask |= digits << shift;
         top = shift - 1;
+        if (count[digit] == wanted) break;  // every key with these bits gets a place: the rest need not be decided
     }
     std::int32_t taken = 0;
     for (std::int32_t i = 0; i < n; ++i) {
-        const std::uint32_t key = keys[i];
-        if (key > threshold || (key == threshold && wanted-- > 0)) order[static_cast<std::size_t>(taken++)] = i;
+        const std::uint32_t bits = keys[i] & mask;
+        if (bits > threshold || (bits == threshold && wanted-- > 0)) order[static_cast<std::size_t>(taken++)] = i;
     }
     return taken;
 }
