@@ -9,8 +9,8 @@
 //   recall of query head h  = sum over the selected positions j of p*(j)
 //   output error            = ||o - o*|| / ||o*||     (0 when both are 0)
 //   needle recall           = the mean recall of the queries the trace marks as aligned with a needle
-// Layers run in parallel on up to `threads` threads; the figures do not depend on the thread count
-// (selection times aside).
+// Layers run in parallel on up to `threads` threads (threads beyond the layer count go to each cache's
+// KV heads); the figures do not depend on the thread count (selection times aside).
 
 #include <algorithm>
 #include <chrono>
@@ -107,8 +107,8 @@ CacheConfig replay_cache_config(const Trace& trace, const P& policy, std::int32_
 template <kv_policy P>
 class PolicyRunOf final : public PolicyRun {
 public:
-    PolicyRunOf(const Trace& trace, const P& policy, std::int32_t layer)
-        : cache_(replay_cache_config(trace, policy, layer), policy),
+    PolicyRunOf(const Trace& trace, const P& policy, std::int32_t layer, int threads)
+        : cache_(replay_cache_config(trace, policy, layer), policy, CpuBackend({.threads = threads})),
           sequence_(cache_.add_sequence()),
           layer_(layer),
           group_(trace.shape.group_size()) {}
@@ -141,10 +141,11 @@ private:
     Selection selection_;
 };
 
-inline std::unique_ptr<PolicyRun> make_run(const AnyPolicy& policy, const Trace& trace, std::int32_t layer) {
+/// A replay of `layer` through `policy`, its cache on `threads` threads of its own.
+inline std::unique_ptr<PolicyRun> make_run(const AnyPolicy& policy, const Trace& trace, std::int32_t layer, int threads) {
     return std::visit(
         [&](const auto& p) -> std::unique_ptr<PolicyRun> {
-            return std::make_unique<PolicyRunOf<std::decay_t<decltype(p)>>>(trace, p, layer);
+            return std::make_unique<PolicyRunOf<std::decay_t<decltype(p)>>>(trace, p, layer, threads);
         },
         policy);
 }
@@ -304,16 +305,16 @@ inline void write_row(std::fstream& f, const std::vector<std::uint8_t>& row) {
     if (!f) throw format_error("mask file: write failed");
 }
 
-/// Replays layer `layer` of the trace through every policy.
+/// Replays layer `layer` of the trace through every policy, each cache on `threads` threads.
 inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vector<AnyPolicy>& policies,
                                               std::int32_t layer, const std::vector<MaskFile>& masks,
-                                              ProgressBar& progress) {
+                                              ProgressBar& progress, int threads) {
     const std::int32_t T = trace.tokens, P = trace.prefill, Hq = trace.shape.q_heads, G = trace.shape.group_size();
     const std::size_t D = static_cast<std::size_t>(trace.shape.head_dim);
     const std::size_t n = policies.size();
 
     std::vector<std::unique_ptr<PolicyRun>> runs;
-    for (const AnyPolicy& policy : policies) runs.push_back(make_run(policy, trace, layer));
+    for (const AnyPolicy& policy : policies) runs.push_back(make_run(policy, trace, layer, threads));
     std::vector<std::fstream> mask_streams;
     for (const MaskFile& m : masks) mask_streams.push_back(m.open_layer(layer));
     std::vector<std::uint8_t> row(static_cast<std::size_t>(Hq) * static_cast<std::size_t>(T));
@@ -405,9 +406,13 @@ inline std::vector<PolicyResult> replay(const Trace& trace, const std::vector<st
 
     ProgressBar progress("kvsparse-eval", std::int64_t{L} * trace.tokens, options.progress && stderr_is_terminal());
     std::vector<std::vector<detail::LayerFigures>> layers(static_cast<std::size_t>(L));
-    parallel_for(L, options.threads, [&](std::int64_t l) {
+    // Layers in parallel; the threads left over go to each layer's caches (their KV heads in parallel),
+    // so the two levels together never ask for more than `threads`.
+    const int layer_threads = std::max(1, std::min(options.threads, L));
+    const int cache_threads = std::max(1, options.threads / layer_threads);
+    parallel_for(L, layer_threads, [&](std::int64_t l) {
         layers[static_cast<std::size_t>(l)] =
-            detail::replay_layer(trace, policies, static_cast<std::int32_t>(l), masks, progress);
+            detail::replay_layer(trace, policies, static_cast<std::int32_t>(l), masks, progress, cache_threads);
     });
     progress.finish();
 
