@@ -83,7 +83,9 @@ public:
     CachedEngine(const Model& model, const Policy& policy, std::int32_t max_tokens)
         : model_(model),
           activations_(model.config()),
-          cache_(cache_config(model.config(), policy, max_tokens), policy),
+          // One thread: a step of this small model attends over a few heads, and the tools run their
+          // policies in parallel, an engine each.
+          cache_(cache_config(model.config(), policy, max_tokens), policy, CpuBackend({.threads = 1})),
           sequence_(cache_.add_sequence()),
           logits_(static_cast<std::size_t>(model.config().vocab)) {}
 
@@ -125,7 +127,7 @@ public:
         : model_(model),
           window_(window),
           activations_(model.config()),
-          cache_(cache_config(model.config(), Dense{}, window), Dense{}),
+          cache_(cache_config(model.config(), Dense{}, window), Dense{}, CpuBackend({.threads = 1})),
           sequence_(cache_.add_sequence()),
           logits_(static_cast<std::size_t>(model.config().vocab)) {}
 
