@@ -3,14 +3,14 @@
 // of slots, in two passes over memory (keys, then values), each K/V row widened once and shared by the
 // whole group.
 //
-// Three implementations of the same plan, the widest the CPU runs taken (cpuid, asked once):
-//  - AVX-512F (head_dim % 16 == 0) and AVX2 + FMA + F16C (head_dim % 8 == 0; also the in-cache RoPE
-//    path): float16 and bfloat16 rows are widened in registers (vcvtph2ps, or a 16-bit shift), dot
-//    products run eight accumulators wide (two keys times four query heads), the exponentials are a
-//    vectorized polynomial, and the value pass keeps a block of rows in L1 while it walks the head
-//    dimension with the strips of four heads in registers. Rows 4 KiB ahead are prefetched. A header
-//    cannot choose the compiler's -march, so these functions carry their own target attributes and are
-//    only entered when the CPU has the features.
+// Two implementations of the same plan, the widest the CPU runs taken (cpuid, asked once):
+//  - vector code (detail/cpu_attention_simd.inc), written once over vector traits and compiled for
+//    AVX-512F (head_dim % 16 == 0) and for AVX2 + FMA + F16C (head_dim % 8 == 0): float16 and bfloat16
+//    rows are widened in registers (vcvtph2ps, or a 16-bit shift), dot products run eight accumulators
+//    wide (two keys times four query heads), the exponentials are a vectorized polynomial, and the value
+//    pass keeps a block of rows in L1 while it walks the head dimension with the strips of four heads in
+//    registers. Rows 4 KiB ahead are prefetched. A header cannot choose the compiler's -march, so these
+//    functions carry their own target attributes and are only entered when the CPU has the features.
 //  - portable C++ everywhere else (and under nvcc): the same steps as plain loops that GCC and clang
 //    vectorize with the baseline instruction set, a branch-free float16 widening included.
 // All are deterministic: a call's arithmetic does not depend on threads or timing. They differ from each
@@ -290,12 +290,25 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
     }
 }
 
-// ---- x86: AVX2 + FMA + F16C ---------------------------------------------------------------------------
+// ---- x86: vector traits ------------------------------------------------------------------------------
+// The vector paths are written once (detail/cpu_attention_simd.inc) over a traits type V: its register
+// type, width and the operations they need. A header cannot choose the compiler's -march, so every
+// function carries a target attribute and is entered only when the CPU has the features; an attribute
+// cannot depend on a template argument, so the shared code is included once per instruction set, each
+// time in its own namespace with its own V and KVSPARSE_SIMD (the attribute).
 
 #if KVSPARSE_CPU_X86
 
 // Function attributes of the vectorized paths (also used by detail/cpu_page_scores_simd.hpp).
 #define KVSPARSE_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KVSPARSE_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused merge source, which its
+// -Wmaybe-uninitialized reports once they are inlined here (GCC bug 105593, fixed in 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 /// Whether this CPU (and its OS) runs the AVX2 path: AVX2, FMA and F16C, with YMM state saved by the OS.
 /// Asked once, with cpuid (clang's __builtin_cpu_supports does not know "f16c").
@@ -315,6 +328,21 @@ inline bool has_avx2_fma_f16c() {
     return yes;
 }
 
+/// Whether this CPU (and its OS) runs the AVX-512 path: AVX512F on top of the AVX2 path, with ZMM state
+/// saved by the OS. Asked once.
+inline bool has_avx512f() {
+    static const bool yes = [] {
+        if (!has_avx2_fma_f16c()) return false;
+        unsigned xcr0 = 0, xcr0_high = 0;
+        __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+        if ((xcr0 & 0xe6u) != 0xe6u) return false;  // XMM, YMM, opmask and both ZMM halves
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        __cpuid_count(7, 0, a, b, c, d);
+        return ((b >> 16) & 1u) != 0;  // AVX512F
+    }();
+    return yes;
+}
+
 /// Eight stored elements widened to float, in registers.
 template <storage_type T>
 KVSPARSE_AVX2 inline __m256 load8(const T* p) {
@@ -325,6 +353,19 @@ KVSPARSE_AVX2 inline __m256 load8(const T* p) {
     } else {
         const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+}
+
+/// Sixteen stored elements widened to float, in registers.
+template <storage_type T>
+KVSPARSE_AVX512 inline __m512 load16(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+        return _mm512_loadu_ps(p);
+    } else if constexpr (std::is_same_v<T, half>) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    } else {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
     }
 }
 
@@ -345,417 +386,91 @@ KVSPARSE_AVX2 inline float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 
-/// exp(x) for x <= 0, eight lanes; the same reduction and polynomial as exp_nonpositive.
-KVSPARSE_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
-    const __m256 lowest = _mm256_set1_ps(-87.33654f);
-    const __m256 zero = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lowest);
-    const __m256 fn = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-    const __m256i n = _mm256_cvtps_epi32(fn);
-    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-    return _mm256_andnot_ps(zero, _mm256_mul_ps(y, scale));
-}
-
-/// Scores of up to four query heads (`heads`, from `q`) against keys k0 and k1: eight independent
-/// accumulators over the head dimension. Lane 2h+i of the result is head h's dot with key i.
-template <int Heads, class K>
-KVSPARSE_AVX2 inline __m256 dots(const float* q, std::size_t dim, const K* k0, const K* k1) {
-    __m256 acc[8];
-    for (__m256& x : acc) x = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; d += 8) {
-        const __m256 x0 = load8(k0 + d);
-        const __m256 x1 = load8(k1 + d);
-        for (int h = 0; h < Heads; ++h) {
-            const __m256 qv = _mm256_loadu_ps(q + static_cast<std::size_t>(h) * dim + d);
-            acc[2 * h] = _mm256_fmadd_ps(qv, x0, acc[2 * h]);
-            acc[2 * h + 1] = _mm256_fmadd_ps(qv, x1, acc[2 * h + 1]);
-        }
-    }
-    return sum8x8(acc);
-}
-
-template <class K>
-KVSPARSE_AVX2 inline __m256 dots_for(std::size_t heads, const float* q, std::size_t dim, const K* k0, const K* k1) {
-    switch (heads) {
-        case 1: return dots<1>(q, dim, k0, k1);
-        case 2: return dots<2>(q, dim, k0, k1);
-        case 3: return dots<3>(q, dim, k0, k1);
-        default: return dots<4>(q, dim, k0, k1);
-    }
-}
-
-/// out[h][d0 .. d0 + 8*Width) += sum over the block's rows j of p[h][j] * v_j[...], for `Heads` heads.
-template <int Heads, int Width, storage_type T>
-KVSPARSE_AVX2 inline void accumulate(float* out, std::size_t dim, std::size_t d0, const T* const* rows,
-                                     std::size_t count, const float* p, std::size_t n) {
-    __m256 acc[Heads][Width];
-    for (int h = 0; h < Heads; ++h)
-        for (int w = 0; w < Width; ++w) acc[h][w] = _mm256_loadu_ps(out + static_cast<std::size_t>(h) * dim + d0 + 8 * w);
-    for (std::size_t j = 0; j < count; ++j) {
-        __m256 v[Width];
-        for (int w = 0; w < Width; ++w) v[w] = load8(rows[j] + d0 + 8 * w);
-        for (int h = 0; h < Heads; ++h) {
-            const __m256 ph = _mm256_broadcast_ss(p + static_cast<std::size_t>(h) * n + j);
-            for (int w = 0; w < Width; ++w) acc[h][w] = _mm256_fmadd_ps(ph, v[w], acc[h][w]);
-        }
-    }
-    for (int h = 0; h < Heads; ++h)
-        for (int w = 0; w < Width; ++w) _mm256_storeu_ps(out + static_cast<std::size_t>(h) * dim + d0 + 8 * w, acc[h][w]);
-}
-
-template <int Heads, storage_type T>
-KVSPARSE_AVX2 inline void accumulate_block(float* out, std::size_t dim, const T* const* rows, std::size_t count,
-                                           const float* p, std::size_t n) {
-    std::size_t d = 0;
-    for (; d + 16 <= dim; d += 16) accumulate<Heads, 2>(out, dim, d, rows, count, p, n);
-    if (d < dim) accumulate<Heads, 1>(out, dim, d, rows, count, p, n);
-}
-
-/// Pass 1: scores, two keys at a time, each widened once for the whole group.
-template <storage_type T>
-KVSPARSE_AVX2 void score_pass_avx2(const AttendArgs<T>& a, Scratch s) {
-    const std::size_t n = a.slots.size();
-    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
-    const std::size_t group = static_cast<std::size_t>(a.group);
-    const Rows<T> keys(a.stream.keys, a.stream.table, a.stream.head);
-    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
-    const std::size_t row_bytes = dim * sizeof(T);
-    const std::size_t ahead = prefetch_rows(row_bytes);
-    const bool values_early = prefetch_values_early(n, row_bytes);
-    const __m256 scale = _mm256_set1_ps(a.scale);
-    const bool rotate = !a.key_rotation.empty();
-    for (std::size_t j = 0; j < std::min(ahead, n); ++j) {  // the first rows; the loop asks `ahead` rows on
-        prefetch_row(keys(a.slots[j]), row_bytes);
-        if (values_early) prefetch_row_l2(values(a.slots[j]), row_bytes);
-    }
-    for (std::size_t j = 0; j < n; j += 2) {
-        const bool pair = j + 1 < n;
-        const T* k0 = keys(a.slots[j]);
-        const T* k1 = pair ? keys(a.slots[j + 1]) : k0;
-        if (j + ahead + 1 < n) {
-            prefetch_row(keys(a.slots[j + ahead]), row_bytes);
-            prefetch_row(keys(a.slots[j + ahead + 1]), row_bytes);
-            if (values_early) {
-                prefetch_row_l2(values(a.slots[j + ahead]), row_bytes);
-                prefetch_row_l2(values(a.slots[j + ahead + 1]), row_bytes);
-            }
-        }
-        for (std::size_t g0 = 0; g0 < group; g0 += 4) {
-            const std::size_t heads = std::min<std::size_t>(4, group - g0);
-            const float* q = a.queries.data() + g0 * dim;
-            alignas(32) float lanes[8];
-            if (rotate) {
-                // In-cache positions: widen and turn one key at a time (the rare path).
-                for (std::size_t i = 0; i < (pair ? 2u : 1u); ++i) {
-                    const T* k = i == 0 ? k0 : k1;
-                    for (std::size_t d = 0; d < dim; d += 8) _mm256_storeu_ps(s.key + d, load8(k + d));
-                    s.turns.rotate(s.key, static_cast<std::int32_t>(dim), a.key_rotation[j + i], a.rope);
-                    alignas(32) float one[8];
-                    _mm256_store_ps(one, _mm256_mul_ps(dots_for(heads, q, dim, s.key, s.key), scale));
-                    for (std::size_t h = 0; h < heads; ++h) lanes[2 * h + i] = one[2 * h];
-                }
-            } else {
-                _mm256_store_ps(lanes, _mm256_mul_ps(dots_for(heads, q, dim, k0, k1), scale));
-            }
-            for (std::size_t h = 0; h < heads; ++h) {
-                float* row = s.scores + (g0 + h) * n + j;
-                row[0] = lanes[2 * h];
-                if (pair) row[1] = lanes[2 * h + 1];
-            }
-        }
-    }
-}
-
-/// Softmax of every query head's scores: max, exponentials and their sum eight lanes at a time.
-KVSPARSE_AVX2 inline void softmax_avx2(float* scores, std::size_t group, std::size_t n) {
-    for (std::size_t g = 0; g < group; ++g) {
-        float* row = scores + g * n;
-        std::size_t j = 0;
-        __m256 top8 = _mm256_set1_ps(row[0]);
-        for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, top8);
-        float top = *std::max_element(lanes, lanes + 8);
-        for (; j < n; ++j) top = std::max(top, row[j]);
-
-        const __m256 shift = _mm256_set1_ps(top);
-        __m256 total = _mm256_setzero_ps();
-        j = 0;
-        for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
-            _mm256_storeu_ps(row + j, e);
-            total = _mm256_add_ps(total, e);
-        }
-        float sum = sum8(total);
-        for (; j < n; ++j) {
-            row[j] = exp_nonpositive(row[j] - top);
-            sum += row[j];
-        }
-        const float inverse = 1.0f / sum;
-        const __m256 inverse8 = _mm256_set1_ps(inverse);
-        j = 0;
-        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inverse8));
-        for (; j < n; ++j) row[j] *= inverse;
-    }
-}
-
-/// Pass 2: weighted values. A block of rows stays in L1 while the head dimension is walked in 16-float
-/// strips, four query heads at a time (their strips live in registers).
-template <storage_type T>
-KVSPARSE_AVX2 void value_pass_avx2(const AttendArgs<T>& a, Scratch s) {
-    const std::size_t n = a.slots.size();
-    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
-    const std::size_t group = static_cast<std::size_t>(a.group);
-    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
-    const std::size_t row_bytes = dim * sizeof(T);
-    constexpr std::size_t block = 32;
-    const T* rows[block];
-    for (std::size_t j0 = 0; j0 < n; j0 += block) {
-        const std::size_t count = std::min(block, n - j0);
-        for (std::size_t i = 0; i < count; ++i) rows[i] = values(a.slots[j0 + i]);
-        for (std::size_t i = 0; i < count && j0 + block + i < n; ++i) prefetch_row(values(a.slots[j0 + block + i]), row_bytes);
-        for (std::size_t g0 = 0; g0 < group; g0 += 4) {
-            const std::size_t heads = std::min<std::size_t>(4, group - g0);
-            float* out = a.out.data() + g0 * dim;
-            const float* p = s.scores + g0 * n + j0;
-            switch (heads) {
-                case 1: accumulate_block<1>(out, dim, rows, count, p, n); break;
-                case 2: accumulate_block<2>(out, dim, rows, count, p, n); break;
-                case 3: accumulate_block<3>(out, dim, rows, count, p, n); break;
-                default: accumulate_block<4>(out, dim, rows, count, p, n); break;
-            }
-        }
-    }
-}
-
-// ---- x86: AVX-512 (sixteen lanes; head dimensions that are a multiple of 16) --------------------------
-
-#define KVSPARSE_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused merge source, which its
-// -Wmaybe-uninitialized reports once they are inlined here (GCC bug 105593, fixed in 13).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-/// Whether this CPU (and its OS) runs the AVX-512 path: AVX512F on top of the AVX2 path, with ZMM state
-/// saved by the OS. Asked once.
-inline bool has_avx512f() {
-    static const bool yes = [] {
-        if (!has_avx2_fma_f16c()) return false;
-        unsigned xcr0 = 0, xcr0_high = 0;
-        __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
-        if ((xcr0 & 0xe6u) != 0xe6u) return false;  // XMM, YMM, opmask and both ZMM halves
-        unsigned a = 0, b = 0, c = 0, d = 0;
-        __cpuid_count(7, 0, a, b, c, d);
-        return ((b >> 16) & 1u) != 0;  // AVX512F
-    }();
-    return yes;
-}
-
-/// Sixteen stored elements widened to float, in registers.
-template <storage_type T>
-KVSPARSE_AVX512 inline __m512 load16(const T* p) {
-    if constexpr (std::is_same_v<T, float>) {
-        return _mm512_loadu_ps(p);
-    } else if constexpr (std::is_same_v<T, half>) {
-        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    } else {
-        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-    }
-}
-
 /// Lower plus upper eight lanes.
 KVSPARSE_AVX512 inline __m256 fold16(__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-/// As dots, sixteen lanes wide: lane 2h+i of the result is head h's dot with key i.
-template <int Heads, storage_type K>
-KVSPARSE_AVX512 inline __m256 dots16(const float* q, std::size_t dim, const K* k0, const K* k1) {
-    __m512 acc[8];
-    for (__m512& x : acc) x = _mm512_setzero_ps();
-    for (std::size_t d = 0; d < dim; d += 16) {
-        const __m512 x0 = load16(k0 + d);
-        const __m512 x1 = load16(k1 + d);
-        for (int h = 0; h < Heads; ++h) {
-            const __m512 qv = _mm512_loadu_ps(q + static_cast<std::size_t>(h) * dim + d);
-            acc[2 * h] = _mm512_fmadd_ps(qv, x0, acc[2 * h]);
-            acc[2 * h + 1] = _mm512_fmadd_ps(qv, x1, acc[2 * h + 1]);
-        }
+/// AVX2 + FMA + F16C: eight lanes (head dimensions that are a multiple of 8).
+struct Avx2 {
+    using vec = __m256;
+    static constexpr std::size_t lanes = 8;
+    static constexpr int strips = 2;  // value pass: 4 heads x 2 strips of accumulators in 16 registers
+
+    template <storage_type T>
+    KVSPARSE_AVX2 static vec load(const T* p) { return load8(p); }
+    KVSPARSE_AVX2 static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+    KVSPARSE_AVX2 static vec zero() { return _mm256_setzero_ps(); }
+    KVSPARSE_AVX2 static vec set1(float x) { return _mm256_set1_ps(x); }
+    KVSPARSE_AVX2 static vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+    KVSPARSE_AVX2 static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+    KVSPARSE_AVX2 static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+    KVSPARSE_AVX2 static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+    KVSPARSE_AVX2 static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+    KVSPARSE_AVX2 static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+    KVSPARSE_AVX2 static vec fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+    KVSPARSE_AVX2 static vec round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    /// 2^n for the integral lanes of fn.
+    KVSPARSE_AVX2 static vec pow2(vec fn) {
+        const __m256i n = _mm256_cvtps_epi32(fn);
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
     }
-    __m256 folded[8];
-    for (int i = 0; i < 8; ++i) folded[i] = fold16(acc[i]);
-    return sum8x8(folded);
-}
-
-template <storage_type K>
-KVSPARSE_AVX512 inline __m256 dots16_for(std::size_t heads, const float* q, std::size_t dim, const K* k0, const K* k1) {
-    switch (heads) {
-        case 1: return dots16<1>(q, dim, k0, k1);
-        case 2: return dots16<2>(q, dim, k0, k1);
-        case 3: return dots16<3>(q, dim, k0, k1);
-        default: return dots16<4>(q, dim, k0, k1);
+    /// v, with 0 in the lanes where x < limit.
+    KVSPARSE_AVX2 static vec zero_below(vec x, vec limit, vec v) { return _mm256_andnot_ps(_mm256_cmp_ps(x, limit, _CMP_LT_OQ), v); }
+    KVSPARSE_AVX2 static float reduce_add(vec v) { return sum8(v); }
+    KVSPARSE_AVX2 static float reduce_max(vec v) {
+        alignas(32) float x[8];
+        _mm256_store_ps(x, v);
+        return *std::max_element(x, x + 8);
     }
-}
+    /// The eight lanes of sum8x8's input.
+    KVSPARSE_AVX2 static __m256 fold8(vec v) { return v; }
+};
 
-/// exp(x) for x <= 0, sixteen lanes; the same reduction and polynomial as exp_nonpositive.
-KVSPARSE_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
-    const __m512 lowest = _mm512_set1_ps(-87.33654f);
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
-    x = _mm512_max_ps(x, lowest);
-    const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-    const __m512i n = _mm512_cvtps_epi32(fn);
-    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
-    return _mm512_maskz_mul_ps(keep, y, scale);
-}
+/// AVX-512F: sixteen lanes (head dimensions that are a multiple of 16).
+struct Avx512 {
+    using vec = __m512;
+    static constexpr std::size_t lanes = 16;
+    static constexpr int strips = 4;  // value pass: 4 heads x 4 strips of accumulators in 32 registers
 
-template <storage_type T>
-KVSPARSE_AVX512 void score_pass_avx512(const AttendArgs<T>& a, Scratch s) {
-    const std::size_t n = a.slots.size();
-    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
-    const std::size_t group = static_cast<std::size_t>(a.group);
-    const Rows<T> keys(a.stream.keys, a.stream.table, a.stream.head);
-    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
-    const std::size_t row_bytes = dim * sizeof(T);
-    const std::size_t ahead = prefetch_rows(row_bytes);
-    const bool values_early = prefetch_values_early(n, row_bytes);
-    const __m256 scale = _mm256_set1_ps(a.scale);
-    for (std::size_t j = 0; j < std::min(ahead, n); ++j) {  // the first rows; the loop asks `ahead` rows on
-        prefetch_row(keys(a.slots[j]), row_bytes);
-        if (values_early) prefetch_row_l2(values(a.slots[j]), row_bytes);
+    template <storage_type T>
+    KVSPARSE_AVX512 static vec load(const T* p) { return load16(p); }
+    KVSPARSE_AVX512 static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+    KVSPARSE_AVX512 static vec zero() { return _mm512_setzero_ps(); }
+    KVSPARSE_AVX512 static vec set1(float x) { return _mm512_set1_ps(x); }
+    KVSPARSE_AVX512 static vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+    KVSPARSE_AVX512 static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+    KVSPARSE_AVX512 static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+    KVSPARSE_AVX512 static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+    KVSPARSE_AVX512 static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+    KVSPARSE_AVX512 static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+    KVSPARSE_AVX512 static vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+    KVSPARSE_AVX512 static vec round(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    KVSPARSE_AVX512 static vec pow2(vec fn) {
+        const __m512i n = _mm512_cvtps_epi32(fn);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
     }
-    for (std::size_t j = 0; j < n; j += 2) {
-        const bool pair = j + 1 < n;
-        const T* k0 = keys(a.slots[j]);
-        const T* k1 = pair ? keys(a.slots[j + 1]) : k0;
-        if (j + ahead + 1 < n) {
-            prefetch_row(keys(a.slots[j + ahead]), row_bytes);
-            prefetch_row(keys(a.slots[j + ahead + 1]), row_bytes);
-            if (values_early) {
-                prefetch_row_l2(values(a.slots[j + ahead]), row_bytes);
-                prefetch_row_l2(values(a.slots[j + ahead + 1]), row_bytes);
-            }
-        }
-        for (std::size_t g0 = 0; g0 < group; g0 += 4) {
-            const std::size_t heads = std::min<std::size_t>(4, group - g0);
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, _mm256_mul_ps(dots16_for(heads, a.queries.data() + g0 * dim, dim, k0, k1), scale));
-            for (std::size_t h = 0; h < heads; ++h) {
-                float* row = s.scores + (g0 + h) * n + j;
-                row[0] = lanes[2 * h];
-                if (pair) row[1] = lanes[2 * h + 1];
-            }
-        }
+    KVSPARSE_AVX512 static vec zero_below(vec x, vec limit, vec v) {
+        return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GE_OQ), v);
     }
-}
+    KVSPARSE_AVX512 static float reduce_add(vec v) { return sum8(fold16(v)); }
+    KVSPARSE_AVX512 static float reduce_max(vec v) { return _mm512_reduce_max_ps(v); }
+    KVSPARSE_AVX512 static __m256 fold8(vec v) { return fold16(v); }
+};
 
-KVSPARSE_AVX512 inline void softmax_avx512(float* scores, std::size_t group, std::size_t n) {
-    for (std::size_t g = 0; g < group; ++g) {
-        float* row = scores + g * n;
-        std::size_t j = 0;
-        __m512 top16 = _mm512_set1_ps(row[0]);
-        for (; j + 16 <= n; j += 16) top16 = _mm512_max_ps(top16, _mm512_loadu_ps(row + j));
-        float top = _mm512_reduce_max_ps(top16);
-        for (; j < n; ++j) top = std::max(top, row[j]);
+namespace avx2 {
+using V = Avx2;
+#define KVSPARSE_SIMD KVSPARSE_AVX2
+#include "kvsparse/detail/cpu_attention_simd.inc"
+#undef KVSPARSE_SIMD
+}  // namespace avx2
 
-        const __m512 shift = _mm512_set1_ps(top);
-        __m512 total = _mm512_setzero_ps();
-        j = 0;
-        for (; j + 16 <= n; j += 16) {
-            const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
-            _mm512_storeu_ps(row + j, e);
-            total = _mm512_add_ps(total, e);
-        }
-        float sum = sum8(fold16(total));
-        for (; j < n; ++j) {
-            row[j] = exp_nonpositive(row[j] - top);
-            sum += row[j];
-        }
-        const float inverse = 1.0f / sum;
-        const __m512 inverse16 = _mm512_set1_ps(inverse);
-        j = 0;
-        for (; j + 16 <= n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse16));
-        for (; j < n; ++j) row[j] *= inverse;
-    }
-}
-
-/// out[h][d0 .. d0 + 16*Width) += sum over the block's rows j of p[h][j] * v_j[...], for `Heads` heads.
-template <int Heads, int Width, storage_type T>
-KVSPARSE_AVX512 inline void accumulate16(float* out, std::size_t dim, std::size_t d0, const T* const* rows,
-                                         std::size_t count, const float* p, std::size_t n) {
-    __m512 acc[Heads][Width];
-    for (int h = 0; h < Heads; ++h)
-        for (int w = 0; w < Width; ++w) acc[h][w] = _mm512_loadu_ps(out + static_cast<std::size_t>(h) * dim + d0 + 16 * w);
-    for (std::size_t j = 0; j < count; ++j) {
-        __m512 v[Width];
-        for (int w = 0; w < Width; ++w) v[w] = load16(rows[j] + d0 + 16 * w);
-        for (int h = 0; h < Heads; ++h) {
-            const __m512 ph = _mm512_set1_ps(p[static_cast<std::size_t>(h) * n + j]);
-            for (int w = 0; w < Width; ++w) acc[h][w] = _mm512_fmadd_ps(ph, v[w], acc[h][w]);
-        }
-    }
-    for (int h = 0; h < Heads; ++h)
-        for (int w = 0; w < Width; ++w) _mm512_storeu_ps(out + static_cast<std::size_t>(h) * dim + d0 + 16 * w, acc[h][w]);
-}
-
-template <int Heads, storage_type T>
-KVSPARSE_AVX512 inline void accumulate16_block(float* out, std::size_t dim, const T* const* rows, std::size_t count,
-                                               const float* p, std::size_t n) {
-    std::size_t d = 0;
-    for (; d + 64 <= dim; d += 64) accumulate16<Heads, 4>(out, dim, d, rows, count, p, n);
-    for (; d + 32 <= dim; d += 32) accumulate16<Heads, 2>(out, dim, d, rows, count, p, n);
-    if (d < dim) accumulate16<Heads, 1>(out, dim, d, rows, count, p, n);
-}
-
-template <storage_type T>
-KVSPARSE_AVX512 void value_pass_avx512(const AttendArgs<T>& a, Scratch s) {
-    const std::size_t n = a.slots.size();
-    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
-    const std::size_t group = static_cast<std::size_t>(a.group);
-    const Rows<T> values(a.stream.values, a.stream.table, a.stream.head);
-    const std::size_t row_bytes = dim * sizeof(T);
-    constexpr std::size_t block = 32;
-    const T* rows[block];
-    for (std::size_t j0 = 0; j0 < n; j0 += block) {
-        const std::size_t count = std::min(block, n - j0);
-        for (std::size_t i = 0; i < count; ++i) rows[i] = values(a.slots[j0 + i]);
-        for (std::size_t i = 0; i < count && j0 + block + i < n; ++i) prefetch_row(values(a.slots[j0 + block + i]), row_bytes);
-        for (std::size_t g0 = 0; g0 < group; g0 += 4) {
-            const std::size_t heads = std::min<std::size_t>(4, group - g0);
-            float* out = a.out.data() + g0 * dim;
-            const float* p = s.scores + g0 * n + j0;
-            switch (heads) {
-                case 1: accumulate16_block<1>(out, dim, rows, count, p, n); break;
-                case 2: accumulate16_block<2>(out, dim, rows, count, p, n); break;
-                case 3: accumulate16_block<3>(out, dim, rows, count, p, n); break;
-                default: accumulate16_block<4>(out, dim, rows, count, p, n); break;
-            }
-        }
-    }
-}
+namespace avx512 {
+using V = Avx512;
+#define KVSPARSE_SIMD KVSPARSE_AVX512
+#include "kvsparse/detail/cpu_attention_simd.inc"
+#undef KVSPARSE_SIMD
+}  // namespace avx512
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
@@ -769,26 +484,19 @@ KVSPARSE_AVX512 void value_pass_avx512(const AttendArgs<T>& a, Scratch s) {
 enum class Isa : std::uint8_t { avx512, avx2, portable };
 
 /// Runs one call's passes (scores, softmax, values into a zeroed a.out) with `isa`; false, doing nothing,
-/// where this CPU or the call's shape cannot (AVX2: head_dim % 8 == 0; AVX-512: head_dim % 16 == 0 and no
-/// in-cache key rotation).
+/// where this CPU or the call's shape cannot (AVX2: head_dim % 8 == 0; AVX-512: head_dim % 16 == 0).
 template <storage_type T>
 bool attend_with(Isa isa, const AttendArgs<T>& a, Scratch s) {
-    const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
-    const std::size_t group = static_cast<std::size_t>(a.group);
-    const std::size_t n = a.slots.size();
+    [[maybe_unused]] const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
     switch (isa) {
 #if KVSPARSE_CPU_X86
         case Isa::avx512:
-            if (dim % 16 != 0 || !a.key_rotation.empty() || !has_avx512f()) return false;
-            score_pass_avx512(a, s);
-            softmax_avx512(s.scores, group, n);
-            value_pass_avx512(a, s);
+            if (dim % 16 != 0 || !has_avx512f()) return false;
+            avx512::attend(a, s);
             return true;
         case Isa::avx2:
             if (dim % 8 != 0 || !has_avx2_fma_f16c()) return false;
-            score_pass_avx2(a, s);  // also the in-cache rotation path
-            softmax_avx2(s.scores, group, n);
-            value_pass_avx2(a, s);
+            avx2::attend(a, s);
             return true;
 #else
         case Isa::avx512:
