@@ -25,4 +25,4 @@ SECONDS=0
     --benchmark_filter='^(Copy/268435456|Decode/[a-z0-9_]+/(4096|32768)|Append/[a-z0-9_]+/32768|H2OUpdate/32768)$' \
     --benchmark_min_time=0.05 --benchmark_out="$out" --benchmark_out_format=json ${KVSPARSE_BENCH_FLAGS:-}
 echo "sweep: ${SECONDS} s, results in $out"
-python3 bench/plot.py "$out" --check
+"${PYTHON:-python3}" bench/plot.py "$out" --check

@@ -7,7 +7,8 @@
 #
 # Build directory: build-bench (configured with the `bench` preset if it does not exist yet). Writes
 # <results-dir>/<run>.json, docs/benchmarks.png, and prints the tables and the goals (python3 with numpy
-# and matplotlib: Debian's python3-matplotlib). Extra Google Benchmark flags go in $KVSPARSE_BENCH_FLAGS.
+# and matplotlib: Debian's python3-matplotlib; $PYTHON names another interpreter). Extra Google Benchmark
+# flags go in $KVSPARSE_BENCH_FLAGS.
 # On a shared machine start it (or each run) when the machine is otherwise idle: the times are wall times.
 set -euo pipefail
 
@@ -32,4 +33,4 @@ for p in $policies; do
     run "$p" "^Decode/(dense|$p)/.*\$"
     files+=("$out/$p.json")
 done
-python3 bench/plot.py "${files[@]}" --figure docs/benchmarks.png --markdown --check
+"${PYTHON:-python3}" bench/plot.py "${files[@]}" --figure docs/benchmarks.png --markdown --check
