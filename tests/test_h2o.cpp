@@ -617,6 +617,7 @@ TEST_CASE("H2O: a prefill of 4 and one decode step worked by hand", "[h2o]") {
     CHECK(score_of(4) == Approx(0.5).margin(tolerance));
     CHECK(cache.memory(seq).max_stream_tokens == 3);
     CHECK(cache.memory(seq).pages == 2);  // 3 tokens in pages of 2
+    CHECK(cache.memory(seq).metadata_bytes == 3 * 4);  // a float32 score per slot
 }
 
 TEST_CASE("H2O: equal scores evict the lowest position and keep the lower position", "[h2o]") {

@@ -487,6 +487,9 @@ TEST_CASE("lserve: streaming memory stays bounded and errors name the field", "[
         }
     }
     CHECK(cache.stream_state(seq, 0, 1).held == total);
+    // Metadata only on the retrieval head: the bounds of 44 pages of 16 (kmin and kmax of 4 floats) and
+    // its memo; the streaming heads keep none.
+    CHECK(cache.memory(seq).metadata_bytes == 44 * 2 * dim * 4 + 4 * policy.memo_size(0, 1, q_heads / kv_heads));
 
     using kvsparse::invalid_argument;
     CHECK_THROWS_AS(LServeHybrid(kinds, {.logical_page = 16, .physical_page = 24}), invalid_argument);

@@ -311,7 +311,7 @@ TEST_CASE("quest: bounds are exact min and max of the stored keys / a page's fir
                 }
             }
         }
-        CHECK(cache.memory(seq).bounds_bytes == 5 * 2 * 16 * 2);  // 5 pages of kmin and kmax, 16 bfloat16 each
+        CHECK(cache.memory(seq).metadata_bytes == 5 * 2 * 16 * 2);  // 5 pages of kmin and kmax, 16 bfloat16 each
         cache.remove_sequence(seq);
     }
 }
@@ -537,7 +537,7 @@ TEST_CASE("quest: configuration is checked / dense layers keep no bounds / budge
     const ref::Tokens tokens{1, 2, 2, 8};
     std::vector<float> out(static_cast<std::size_t>(40 * 2 * 8));
     for (int l = 0; l < 3; ++l) cache.prefill(seq, l, tokens.queries(l, 0, 40), tokens.keys(l, 0, 40), tokens.values(l, 0, 40), out);
-    CHECK(cache.memory(seq).bounds_bytes == 2 * 3 * 2 * 8 * 4);
+    CHECK(cache.memory(seq).metadata_bytes == 2 * 3 * 2 * 8 * 4);
     CHECK(cache.stream_state(seq, 0, 0).bounds.pages == 0);
     CHECK(cache.stream_state(seq, 2, 1).bounds.pages == 3);
 }

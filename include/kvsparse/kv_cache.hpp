@@ -52,7 +52,9 @@ struct MemoryStats {
     std::int64_t bytes = 0;                 ///< keys and values
     std::int64_t tokens = 0;                ///< held tokens, summed over (layer, KV head) streams
     std::int32_t max_stream_tokens = 0;     ///< most tokens any one stream holds
-    std::int64_t bounds_bytes = 0;          ///< per-page key bounds (Quest's metadata), not in `bytes`
+    std::int64_t metadata_bytes = 0;        ///< the policy's per-stream metadata, outside the pool and not in
+                                            ///< `bytes`: page key bounds (Quest, LServe), accumulated scores
+                                            ///< (H2O), memo (LServe)
 };
 
 /// The sets decode queries attend to, in ascending position order (CSR). One row per KV head, or, for a
@@ -397,7 +399,8 @@ public:
             stats.pages += static_cast<std::int64_t>(s.pages.size());
             stats.tokens += s.held;
             stats.max_stream_tokens = std::max(stats.max_stream_tokens, s.held);
-            stats.bounds_bytes += static_cast<std::int64_t>(s.bounds.size() * sizeof(T));
+            stats.metadata_bytes += static_cast<std::int64_t>(s.bounds.size() * sizeof(T) + s.scores.size() * sizeof(float) +
+                                                              s.memo.size() * sizeof(std::int32_t));
         }
         stats.bytes = stats.pages * pool_.page_bytes();
         return stats;
