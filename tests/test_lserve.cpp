@@ -347,6 +347,36 @@ struct DecodeCase {
     int prefill, total;
 };
 
+/// KVCache::select_pages at the same step as `selection`: each row's physical pages, expanded to slots,
+/// are the row's selected slots (a retrieval head, in order) or the slots its streaming head holds (the
+/// same set; the page list is in slot order). The rows fit the sizes page_list_sizes gives.
+void check_page_lists(KVCache<LServeHybrid>& cache, kvsparse::SequenceId seq, int layer, const std::vector<float>& q,
+                      const kvsparse::Selection& selection, int physical, int tokens) {
+    const auto& shape = cache.config().shape;
+    const int group = shape.group_size();
+    const auto sizes = cache.policy().page_list_sizes(layer, shape.kv_heads, group, tokens);
+    std::vector<std::int32_t> indptr(sizes.indptr), indices(sizes.indices, -1), last(sizes.last_page_len);
+    cache.select_pages(seq, layer, q, kvsparse::PageLists{indptr, indices, last});
+    const int rows_per_head = cache.policy().per_query_head() ? group : 1;
+    for (int h = 0; h < shape.kv_heads; ++h) {
+        for (int member = 0; member < rows_per_head; ++member) {
+            const auto r = static_cast<std::size_t>(h * rows_per_head + member);
+            std::vector<int> slots;
+            for (int i = indptr[r]; i < indptr[r + 1]; ++i) {
+                const int page = indices[static_cast<std::size_t>(i)];
+                const int length = i + 1 == indptr[r + 1] ? last[r] : physical;
+                for (int j = 0; j < length; ++j) slots.push_back(page * physical + j);
+            }
+            const auto want_span = selection.slots_of(h, member);
+            std::vector<int> want(want_span.begin(), want_span.end());
+            if (cache.policy().streaming(layer, h)) std::sort(want.begin(), want.end());
+            CAPTURE(layer, h, member, tokens);
+            REQUIRE(slots == want);
+        }
+    }
+    REQUIRE(static_cast<std::size_t>(indptr.back()) <= sizes.indices);
+}
+
 void check_decode(const DecodeCase& c, std::uint64_t seed) {
     const int layers = 2, q_heads = 4, kv_heads = 2, dim = 8, group = 2, sink = 3, local = 7;
     const IntTrace trace{seed, q_heads, kv_heads, dim};
@@ -377,6 +407,7 @@ void check_decode(const DecodeCase& c, std::uint64_t seed) {
             cache.select(seq, l, q, selection);
             cache.attend(seq, l, q, out);  // selects again at the same step: must not change the memo's outcome
             cache.select(seq, l, q, selection);
+            check_page_lists(cache, seq, l, q, selection, c.physical, t + 1);
             for (int h = 0; h < kv_heads; ++h) {
                 BruteRetrieval& b = brute[static_cast<std::size_t>(l * kv_heads + h)];
                 for (int member = 0; member < group; ++member) {

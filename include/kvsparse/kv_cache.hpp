@@ -246,7 +246,7 @@ public:
     }
 
     /// Page lists (FlashInfer's indptr / indices / last_page_len) for engines with their own paged
-    /// kernels, from policies that select whole pages (QuestPageSelector): the rows of every KV head of
+    /// kernels, from policies that select whole pages (QuestPageSelector, LServeHybrid): the rows of every KV head of
     /// `layer` in order (of every query head with per_query_head), written into caller buffers sized by
     /// policy().page_list_sizes(layer, kv_heads, group, length). Indices are page numbers of each stream in
     /// units of the policy's page size, ascending; where that equals CacheConfig::page_size,

@@ -314,6 +314,58 @@ public:
         return pages.first(static_cast<std::size_t>(count));
     }
 
+    // ---- page lists (engines with their own kernels) ---------------------------------------------------
+    // Indices are physical pages: page p holds the stream's slots [p * physical_page, (p + 1) *
+    // physical_page). A retrieval head's row lists its selected pages (all of them while n <= Kp), a
+    // streaming head's row the pages of every slot it holds (it attends to all it keeps, in slot order).
+
+    /// Buffer sizes for the page lists of `streams` (sequence, KV head) pairs of `layer`, each with at
+    /// most `max_tokens` tokens and `group` query heads per KV head: one row per stream, or one per query
+    /// head with per_query_head; room for the larger row of either head kind.
+    PageListSizes page_list_sizes(std::int32_t layer, std::int32_t streams, std::int32_t group,
+                                  std::int32_t max_tokens) const {
+        (void)layer;
+        const std::size_t rows = static_cast<std::size_t>(streams) * static_cast<std::size_t>(per_query_head() ? group : 1);
+        const std::int32_t retrieval = std::min(physical_pages_for(max_tokens), memo_row_size() - 2);
+        const std::int32_t streaming = physical_pages_for(std::min(max_tokens, config_.sink + config_.local));
+        return {rows, rows + 1, rows * static_cast<std::size_t>(std::max(retrieval, streaming)), rows};
+    }
+
+    /// Writes the rows of one (sequence, KV head) into `out`, starting at row `row`, whose start
+    /// out.indptr[row] the caller has set (0 for the first row): one row, or `group` rows (one per query
+    /// head) with per_query_head. `queries` [group][head_dim]. Returns the rows written. The selection is
+    /// the step's, as select makes it (and remembers it for reuse).
+    std::int32_t write_page_lists(const StreamState& stream, std::span<const float> queries, std::int32_t group,
+                                  const PageLists& out, std::int32_t row) const {
+        const bool streaming_head = streaming(stream.layer, stream.kv_head);
+        const std::int32_t rows = per_query_head() ? group : 1;
+        const std::size_t row_queries = queries.size() / static_cast<std::size_t>(rows);
+        const std::int32_t tokens = streaming_head ? stream.held : stream.next_position;  // slots in use
+        const std::int32_t n = physical_pages_for(tokens);
+        for (std::int32_t r = 0; r < rows; ++r) {
+            const auto at = static_cast<std::size_t>(row + r);
+            detail::require(out.indptr.size() >= at + 2 && out.last_page_len.size() >= at + 1, "page lists rows",
+                            row + r + 1, "exceed indptr / last_page_len (see page_list_sizes)");
+            std::span<const std::int32_t> pages;  // empty: all n pages
+            if (!streaming_head) {
+                StreamState member = stream;
+                member.group_member = r;
+                const std::span<const float> q =
+                    per_query_head() ? queries.subspan(static_cast<std::size_t>(r) * row_queries, row_queries) : queries;
+                pages = select_pages(member, q);
+            }
+            const std::int32_t count = pages.empty() ? n : static_cast<std::int32_t>(pages.size());
+            const auto first = static_cast<std::size_t>(out.indptr[at]);
+            detail::require(out.indices.size() >= first + static_cast<std::size_t>(count), "page lists indices",
+                            out.indices.size(), "too small (see page_list_sizes)");
+            for (std::int32_t i = 0; i < count; ++i)
+                out.indices[first + static_cast<std::size_t>(i)] = pages.empty() ? i : pages[static_cast<std::size_t>(i)];
+            out.indptr[at + 1] = out.indptr[at] + count;
+            out.last_page_len[at] = tokens == 0 ? 0 : tokens - (n - 1) * config_.physical_page;
+        }
+        return rows;
+    }
+
     // ---- engine-owned memory ----------------------------------------------------------------------------
 
     /// Buffers one retrieval stream of up to `max_tokens` tokens needs, `group` query heads per KV head.
