@@ -34,8 +34,9 @@ inline void prefetch_bounds(const KeyBounds<const T>& bounds, std::int32_t page)
 
 #if KVSPARSE_CPU_X86
 
-// Both kernels score Group consecutive pages for Rows rows at once, so that one sum8x8 reduces the
-// Rows * Group sums of up to eight (AVX2: four) accumulators.
+// Both kernels score Group consecutive pages for Rows rows at once, so that one sum8x8 reduces their
+// Rows * Group sums: up to eight with AVX-512; AVX2, with half the registers and two per sum, groups
+// pages only while that makes at most four.
 
 /// page_score_add on eight elements: kmin where q's sign bit is set, else kmax.
 KVSPARSE_AVX2 inline __m256 add_terms(__m256 acc, __m256 qv, __m256 lo, __m256 hi) {
