@@ -233,6 +233,25 @@ void bench_attend(cudaStream_t stream) {
     }
 }
 
+/// Quest's page scores of one KV head's 4 query heads at 32K and 256K tokens (pages of 16, float16
+/// bounds): bytes are the bounds read.
+void bench_page_scores(cudaStream_t stream) {
+    const std::int32_t rows = 4, dim = 128;
+    for (const std::int32_t pages : {2048, 16384}) {
+        Device<kvsparse::half> bounds(kvsparse::KeyBounds<kvsparse::half>::elements(pages, dim));
+        Device<float> queries(static_cast<std::size_t>(rows) * dim), scores(static_cast<std::size_t>(pages));
+        fill(bounds, 9);
+        fill(queries, 10);
+        const auto view = kvsparse::KeyBounds<const kvsparse::half>::packed(bounds.data, pages, 16, dim);
+        const CudaBackend backend;
+        const double ms = time_ms(stream, [&] {
+            backend.page_scores(view, pages, queries.cspan(), rows, kvsparse::GqaAggregation::max, scores.span(), stream);
+        });
+        report("page_scores f16", "4 rows x 128 over " + std::to_string(pages) + " pages", ms,
+               2.0 * pages * dim * sizeof(kvsparse::half));
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -270,6 +289,7 @@ int main(int argc, char** argv) {
         bench_shift<float>(stream);
         bench_attend<kvsparse::half>(stream);
         bench_attend<float>(stream);
+        bench_page_scores(stream);
         check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
         check(cudaStreamDestroy(stream), "cudaStreamDestroy");
     } catch (const kvsparse::error& e) {

@@ -472,6 +472,48 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, half, bfloat16)
     }
 }
 
+TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]", float, half, bfloat16) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+    for (const int dim : {8, 16, 64, 128, 136}) {
+        for (const int rows : {1, 2, 3, 4, 7, 8, 9}) {
+            for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::sum,
+                                    kvsparse::GqaAggregation::per_query_head}) {
+                CAPTURE(dim, rows, static_cast<int>(mode));
+                const int pages = 37;
+                std::vector<TestType> data(kvsparse::KeyBounds<TestType>::elements(pages, dim));
+                const auto host = kvsparse::KeyBounds<TestType>::packed(data.data(), pages, 16, dim);
+                for (int p = 0; p < pages; ++p) {
+                    for (int d = 0; d < dim; ++d) {
+                        float a = u(rng), b = u(rng);
+                        if (p % 5 == 0) b = a;  // pages of one key
+                        if (a > b) std::swap(a, b);
+                        host.kmin(p)[d] = kvsparse::from_float<TestType>(a);
+                        host.kmax(p)[d] = kvsparse::from_float<TestType>(b);
+                    }
+                }
+                std::vector<float> q(static_cast<std::size_t>(rows * dim));
+                for (float& x : q) x = u(rng);
+                q[0] = 0.0f;
+                q[1] = -0.0f;
+                const std::size_t n = static_cast<std::size_t>(pages * rows);
+                std::vector<float> want(n, -1.0f);
+                CpuBackend::page_scores(host, pages, q, rows, mode, want);
+
+                const DeviceBuffer<TestType> device_bounds(data);
+                const DeviceBuffer<float> device_q(q);
+                DeviceBuffer<float> device_scores(std::vector<float>(n, -1.0f));
+                const auto bounds = kvsparse::KeyBounds<const TestType>::packed(device_bounds.data(), pages, 16, dim);
+                CudaBackend().page_scores(bounds, pages, std::span<const float>(device_q.span()), rows, mode,
+                                          device_scores.span());
+                const std::vector<float> got = device_scores.download();
+                CHECK(std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0);
+            }
+        }
+    }
+}
+
 TEST_CASE("CudaBackend launch failures throw kvsparse::error with the CUDA error", "[cuda]") {
     SKIP_WITHOUT_DEVICE();
     // Shared memory for 256 query heads of dimension 256 exceeds every GPU's per-block limit.
@@ -521,6 +563,15 @@ TEST_CASE("CudaBackend rejects inconsistent sizes before launching", "[cuda]") {
     const std::vector<std::int32_t> positions{0, 1};
     CHECK_THROWS_AS(CudaBackend().rope(x, 1, 8, positions, Rope{}), kvsparse::invalid_argument);
     CHECK_THROWS_AS(CudaBackend().copy_slots(view, slots, std::vector<std::int32_t>{1}), kvsparse::invalid_argument);
+
+    const auto bounds = kvsparse::KeyBounds<const float>::packed(storage.data(), 4, 16, 8);
+    std::vector<float> scores(4);
+    const std::vector<float> one_row(8);
+    using kvsparse::GqaAggregation;
+    CHECK_THROWS_AS(CudaBackend().page_scores(bounds, 5, one_row, 1, GqaAggregation::max, scores), kvsparse::invalid_argument);
+    CHECK_THROWS_AS(CudaBackend().page_scores(bounds, 4, queries, 1, GqaAggregation::max, scores), kvsparse::invalid_argument);
+    CHECK_THROWS_AS(CudaBackend().page_scores(bounds, 4, queries, 2, GqaAggregation::per_query_head, scores),
+                    kvsparse::invalid_argument);
 }
 
 static_assert(kvsparse::kv_backend<CudaBackend>);

@@ -19,9 +19,11 @@
 #include "kvsparse/cuda/append.cuh"
 #include "kvsparse/cuda/attend.cuh"
 #include "kvsparse/cuda/common.cuh"
+#include "kvsparse/cuda/page_scores.cuh"
 #include "kvsparse/cuda/rope.cuh"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/error.hpp"
+#include "kvsparse/key_bounds.hpp"
 #include "kvsparse/rope.hpp"
 #include "kvsparse/views.hpp"
 
@@ -186,6 +188,22 @@ public:
         p.chunks = cuda::attend_chunks(n);
         cuda::attend_layout(p, reinterpret_cast<float*>(workspace.data()));
         cuda::launch_attend(p, cuda_stream);
+    }
+
+    /// Quest's upper-bound page scores of pages [0, pages) of `bounds` (device memory) for `rows` query
+    /// rows `queries` [rows][head_dim], aggregated by `mode` into `scores` (`per_query_head`: row r's at
+    /// [r * pages, (r + 1) * pages)); bit for bit CpuBackend::page_scores, so both select the same pages.
+    template <class T>
+    void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries, std::int32_t rows,
+                     GqaAggregation mode, std::span<float> scores, stream_type cuda_stream = nullptr) const {
+        detail::require(pages >= 0 && pages <= bounds.pages, "pages", pages, "must be in [0, bounds.pages]");
+        detail::require(rows >= 1, "rows", rows, "must be at least 1");
+        detail::require(queries.size() == static_cast<std::size_t>(rows) * static_cast<std::size_t>(bounds.head_dim),
+                        "queries.size()", queries.size(), "must be rows * bounds.head_dim");
+        const std::size_t needed = static_cast<std::size_t>(pages) * (mode == GqaAggregation::per_query_head ? static_cast<std::size_t>(rows) : 1);
+        detail::require(scores.size() >= needed, "scores.size()", scores.size(), "must hold pages (times rows per query head)");
+        if (pages == 0) return;
+        cuda::launch_page_scores(bounds.read_only(), pages, queries.data(), rows, mode, scores.data(), cuda_stream);
     }
 
 private:

@@ -1,0 +1,68 @@
+#pragma once
+// Quest's upper-bound page scores on the GPU (CudaBackend::page_scores), in the order that
+// CpuBackend::page_scores defines, so that both backends select the same pages on exact ties: element d
+// goes to lane d % 16 through page_score_add (key_bounds.hpp, shared with the CPU), each lane in order
+// of d; lanes j and j + 8 are added; the eight sums are combined as ((h0 + h1) + (h2 + h3)) + ((h4 + h5)
+// + (h6 + h7)); the rows aggregate in row order.
+//
+// One warp per page: its two halves are two query rows at a time, sixteen threads each, one summation
+// lane per thread. The tree is four shuffles within a half, each an add of two sums the CPU also adds.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kvsparse/cuda/common.cuh"
+#include "kvsparse/dtype.hpp"
+#include "kvsparse/key_bounds.hpp"
+
+namespace kvsparse::cuda {
+
+template <storage_type T>
+__global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int32_t pages, const float* queries,
+                                   std::int32_t rows, GqaAggregation mode, float* scores) {
+    constexpr unsigned all = 0xffffffffu;
+    const std::int64_t page = global_thread() / 32;
+    if (page >= pages) return;  // a whole warp leaves together
+    const int lane = static_cast<int>(threadIdx.x % 32);
+    const int half = lane / 16, j = lane % 16;
+    const std::int32_t dim = bounds.head_dim;
+    const T* kmin = bounds.kmin(static_cast<std::int32_t>(page));
+    const T* kmax = bounds.kmax(static_cast<std::int32_t>(page));
+    float aggregate = mode == GqaAggregation::sum ? 0.0f : -INFINITY;
+    for (std::int32_t r0 = 0; r0 < rows; r0 += 2) {
+        const std::int32_t r = r0 + half;
+        float acc = 0.0f;
+        if (r < rows) {
+            const float* q = queries + static_cast<std::int64_t>(r) * dim;
+            for (std::int32_t d = j; d < dim; d += 16) acc = page_score_add(acc, q[d], to_float(kmin[d]), to_float(kmax[d]));
+        }
+        acc += __shfl_down_sync(all, acc, 8, 16);  // h_j = l_j + l_(j+8)
+        acc += __shfl_down_sync(all, acc, 1, 16);  // h0 + h1, h2 + h3, ...
+        acc += __shfl_down_sync(all, acc, 2, 16);  // (h0 + h1) + (h2 + h3), (h4 + h5) + (h6 + h7)
+        acc += __shfl_down_sync(all, acc, 4, 16);  // the whole tree, in lane 0 of each half
+        const float second = __shfl_sync(all, acc, 16);
+        if (lane != 0) continue;
+        for (int i = 0; i < 2 && r0 + i < rows; ++i) {
+            const float u = i == 0 ? acc : second;
+            if (mode == GqaAggregation::per_query_head) {
+                scores[static_cast<std::int64_t>(r0 + i) * pages + page] = u;
+            } else if (mode == GqaAggregation::sum) {
+                aggregate += u;
+            } else {
+                aggregate = u > aggregate ? u : aggregate;
+            }
+        }
+    }
+    if (lane == 0 && mode != GqaAggregation::per_query_head) scores[page] = aggregate;
+}
+
+template <storage_type T>
+void launch_page_scores(const KeyBounds<const T>& bounds, std::int32_t pages, const float* queries, std::int32_t rows,
+                        GqaAggregation mode, float* scores, cudaStream_t stream) {
+    const unsigned blocks = static_cast<unsigned>((std::int64_t{pages} * 32 + kThreads - 1) / kThreads);
+    page_scores_kernel<T><<<blocks, kThreads, 0, stream>>>(bounds, pages, queries, rows, mode, scores);
+    check_launch("page_scores_kernel");
+}
+
+}  // namespace kvsparse::cuda
