@@ -249,6 +249,13 @@ void bench_page_scores(cudaStream_t stream) {
         });
         report("page_scores f16", "4 rows x 128 over " + std::to_string(pages) + " pages", ms,
                2.0 * pages * dim * sizeof(kvsparse::half));
+        // Quest's top-k of the scored pages (all but the last), K - 1 = 127.
+        Device<std::int32_t> order(static_cast<std::size_t>(pages));
+        Device<std::byte> workspace(CudaBackend::top_pages_workspace_bytes(pages - 1));
+        const double top_ms = time_ms(stream, [&] {
+            backend.top_pages(scores.cspan(), pages - 1, 127, order.span(), workspace.span(), stream);
+        });
+        report("top_pages", "127 of " + std::to_string(pages - 1) + " scores", top_ms, 4.0 * (pages - 1));
     }
 }
 

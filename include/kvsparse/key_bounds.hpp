@@ -44,6 +44,16 @@ KVSPARSE_HD inline float page_score_add(float acc, float q, float kmin, float km
 #endif
 }
 
+/// An order-preserving unsigned image of a page score, for top-k selection on every backend: a > b
+/// exactly when page_score_key(a) > page_score_key(b), with NaN taken as -inf and -0 as +0 (equal
+/// floats, so equal keys, and the tie rule decides).
+KVSPARSE_HD inline std::uint32_t page_score_key(float score) {
+    std::uint32_t bits = detail::float_bits(score);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) bits = 0xff800000u;  // NaN: -inf
+    if ((bits & 0x7fffffffu) == 0) bits = 0;                      // -0: +0
+    return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+}
+
 /// Writable bounds of one stream: page p's kmin at `data + p * page_stride`, its kmax `head_dim`
 /// elements later. T may be const (read-only use).
 template <class T>

@@ -1,6 +1,7 @@
 // CudaBackend against CpuBackend on random data: stores must match bit for bit, rotations to float
 // rounding, attention to summation order. Without a CUDA device every GPU test warns
 // "no CUDA device: skipped" and passes; ctest reports them as skipped (SKIP_REGULAR_EXPRESSION).
+// kvsparse::half is spelled out: CUB brings cuda_fp16.h, whose global `half` would shadow it.
 
 #include <cuda_runtime.h>
 
@@ -24,7 +25,6 @@
 using kvsparse::bfloat16;
 using kvsparse::CpuBackend;
 using kvsparse::CudaBackend;
-using kvsparse::half;
 using kvsparse::Layout;
 using kvsparse::PagePoolView;
 using kvsparse::PageTableView;
@@ -112,7 +112,7 @@ std::vector<std::int32_t> distinct_slots(std::int32_t count, std::int32_t capaci
 template <class T>
 std::string type_name() {
     if constexpr (std::is_same_v<T, float>) return "float";
-    else if constexpr (std::is_same_v<T, half>) return "half";
+    else if constexpr (std::is_same_v<T, kvsparse::half>) return "half";
     else return "bfloat16";
 }
 
@@ -130,7 +130,7 @@ std::int64_t first_bit_difference(const std::vector<T>& a, const std::vector<T>&
 template <class T>
 float storage_epsilon() {
     if constexpr (std::is_same_v<T, float>) return 2e-6f;
-    else if constexpr (std::is_same_v<T, half>) return 1.0f / 1024.0f;
+    else if constexpr (std::is_same_v<T, kvsparse::half>) return 1.0f / 1024.0f;
     else return 1.0f / 128.0f;
 }
 
@@ -206,7 +206,7 @@ struct Stream {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("write stores rows like CpuBackend / bit for bit", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("write stores rows like CpuBackend / bit for bit", "[cuda]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(11);
     Stream stream;
@@ -236,7 +236,7 @@ TEMPLATE_TEST_CASE("write stores rows like CpuBackend / bit for bit", "[cuda]", 
     }
 }
 
-TEMPLATE_TEST_CASE("batched write covers every head in one launch", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("batched write covers every head in one launch", "[cuda]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(12);
     Stream stream;
@@ -295,7 +295,7 @@ TEMPLATE_TEST_CASE("batched write covers every head in one launch", "[cuda]", fl
     }
 }
 
-TEMPLATE_TEST_CASE("copy_slots stages overlapping moves like CpuBackend", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("copy_slots stages overlapping moves like CpuBackend", "[cuda]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(13);
     Stream stream;
@@ -351,7 +351,7 @@ TEST_CASE("rope rotates like CpuBackend", "[cuda]") {
     }
 }
 
-TEMPLATE_TEST_CASE("shift_keys re-rotates stored keys like CpuBackend", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("shift_keys re-rotates stored keys like CpuBackend", "[cuda]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(15);
     Stream stream;
@@ -374,7 +374,7 @@ TEMPLATE_TEST_CASE("shift_keys re-rotates stored keys like CpuBackend", "[cuda]"
     }
 }
 
-TEMPLATE_TEST_CASE("batched shift_keys covers every head in one launch", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("batched shift_keys covers every head in one launch", "[cuda]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(16);
     Stream stream;
@@ -412,7 +412,7 @@ TEMPLATE_TEST_CASE("batched shift_keys covers every head in one launch", "[cuda]
     }
 }
 
-TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(17);
     Stream stream;
@@ -472,7 +472,7 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, half, bfloat16)
     }
 }
 
-TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]", float, half, bfloat16) {
+TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(5);
     std::uniform_real_distribution<float> u(-2.0f, 2.0f);
@@ -511,6 +511,36 @@ TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]"
                 CHECK(std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0);
             }
         }
+    }
+}
+
+TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937 rng(9);
+    const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
+    for (int round = 0; round < 120; ++round) {
+        const int n = 1 + static_cast<int>(rng() % 3000);
+        const int k = static_cast<int>(rng() % static_cast<unsigned>(n + 3)) - 1;  // -1 .. n + 1
+        const int distinct = 1 + static_cast<int>(rng() % 8);                     // few values: many ties
+        std::vector<float> scores(static_cast<std::size_t>(n));
+        for (float& s : scores) {
+            s = rng() % 5 == 0 ? specials[rng() % 7]
+                               : static_cast<float>(static_cast<int>(rng() % static_cast<unsigned>(distinct)) - 3) * 0.5f +
+                                     (round % 2 == 0 ? 0.0f : static_cast<float>(rng() % 1000) * 1e-3f);
+        }
+        std::vector<std::int32_t> want(static_cast<std::size_t>(n));
+        const int want_count = CpuBackend::top_pages(scores, n, k, want);
+
+        const DeviceBuffer<float> device_scores(scores);
+        DeviceBuffer<std::int32_t> order(std::vector<std::int32_t>(static_cast<std::size_t>(n), -7));
+        DeviceBuffer<std::byte> workspace(CudaBackend::top_pages_workspace_bytes(n));
+        const int got_count = CudaBackend().top_pages(std::span<const float>(device_scores.span()), n, k, order.span(),
+                                                      workspace.span());
+        const std::vector<std::int32_t> got = order.download();
+        CAPTURE(round, n, k);
+        REQUIRE(got_count == want_count);
+        CHECK(std::vector<std::int32_t>(got.begin(), got.begin() + got_count) ==
+              std::vector<std::int32_t>(want.begin(), want.begin() + want_count));
     }
 }
 

@@ -7,6 +7,8 @@
 // every span, are device memory (or memory the device can address); the host only reads span sizes.
 // Faults inside a kernel surface at the caller's next synchronization; launch failures throw
 // kvsparse::error with the CUDA error string; inconsistent sizes throw kvsparse::invalid_argument.
+// The top-k sorts with CUB, which includes cuda_fp16.h and its global `half` (CUDA's): spell out
+// kvsparse::half in translation units that include this header.
 
 #include <cuda_runtime.h>
 
@@ -21,6 +23,7 @@
 #include "kvsparse/cuda/common.cuh"
 #include "kvsparse/cuda/page_scores.cuh"
 #include "kvsparse/cuda/rope.cuh"
+#include "kvsparse/cuda/top_pages.cuh"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/error.hpp"
 #include "kvsparse/key_bounds.hpp"
@@ -204,6 +207,35 @@ public:
         detail::require(scores.size() >= needed, "scores.size()", scores.size(), "must hold pages (times rows per query head)");
         if (pages == 0) return;
         cuda::launch_page_scores(bounds.read_only(), pages, queries.data(), rows, mode, scores.data(), cuda_stream);
+    }
+
+    /// Bytes of device workspace top_pages needs for n scores. Asks CUB, which sizes its scratch for the
+    /// current device: call it with a device present.
+    static std::size_t top_pages_workspace_bytes(std::int32_t n) {
+        detail::require(n >= 0, "n", n, "must not be negative");
+        return cuda::TopPagesLayout::of(n).total();
+    }
+
+    /// Top-k with the tie rule, as CpuBackend::top_pages: the `k` best of `scores[0, n)` (higher first;
+    /// equal scores: the lower index wins; NaN counts as -inf) into order[0, k), ascending; returns
+    /// min(k, n) (0 for k <= 0). `order` has room for n; `workspace`: top_pages_workspace_bytes(n) bytes
+    /// of 256-byte aligned device memory.
+    std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order,
+                           std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
+        detail::require(n >= 0 && scores.size() >= static_cast<std::size_t>(n), "n", n, "must be in [0, scores.size()]");
+        detail::require(order.size() >= static_cast<std::size_t>(n), "order.size()", order.size(), "must be at least n");
+        if (k <= 0 || n == 0) return 0;
+        if (k >= n) {
+            cuda::launch_iota(order.data(), n, cuda_stream);
+            return n;
+        }
+        const cuda::TopPagesLayout layout = cuda::TopPagesLayout::of(n);
+        detail::require(workspace.size() >= layout.total(), "workspace.size()", workspace.size(),
+                        "must be at least top_pages_workspace_bytes(n)");
+        detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % cuda::TopPagesLayout::align == 0, "workspace",
+                        "address", "must be 256-byte aligned");
+        cuda::launch_top_pages(scores.data(), n, k, order.data(), workspace.data(), layout, cuda_stream);
+        return k;
     }
 
 private:

@@ -140,15 +140,6 @@ void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const
     }
 }
 
-/// An order-preserving image of a score as an unsigned key: a > b exactly when key(a) > key(b), with NaN
-/// taken as -inf and -0 as +0 (equal floats, so equal keys).
-inline std::uint32_t score_key(float s) {
-    if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
-    if (s == 0.0f) s = 0.0f;
-    const auto bits = std::bit_cast<std::uint32_t>(s);
-    return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
-}
-
 /// Top-k with the tie rule; see CpuBackend::top_pages. A radix select finds the k-th largest key, and
 /// how many of the keys equal to it still get a place; one pass in index order then takes every larger
 /// key and the first of the equal ones, which is the tie rule and leaves the result ascending without a
@@ -166,7 +157,7 @@ inline std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std
     auto* keys = reinterpret_cast<std::uint32_t*>(order.data());
     std::uint32_t low = ~0u, high = 0;
     for (std::int32_t i = 0; i < n; ++i) {
-        const std::uint32_t key = score_key(scores[static_cast<std::size_t>(i)]);
+        const std::uint32_t key = page_score_key(scores[static_cast<std::size_t>(i)]);
         keys[i] = key;
         low = std::min(low, key);
         high = std::max(high, key);
