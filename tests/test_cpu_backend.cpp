@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "random_bounds.hpp"
 
 #include <kvsparse/detail/cpu_attention.hpp>
 #include <kvsparse/detail/cpu_page_scores_simd.hpp>
@@ -288,27 +289,14 @@ TEST_CASE("decode outputs do not depend on the number of threads", "[cpu][thread
 
 TEMPLATE_TEST_CASE("vectorized page scores equal the portable ones bit for bit", "[cpu][quest]", float, half, bfloat16) {
     std::mt19937 rng(5);
-    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
     for (const int dim : {8, 16, 64, 128, 136}) {
         for (const int rows : {1, 2, 3, 4, 7, 8, 9, 17}) {
             for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::sum, kvsparse::GqaAggregation::per_query_head}) {
                 CAPTURE(dim, rows, static_cast<int>(mode));
                 const int pages = 37;
-                std::vector<TestType> data(kvsparse::KeyBounds<TestType>::elements(pages, dim));
-                const auto bounds = kvsparse::KeyBounds<TestType>::packed(data.data(), pages, 16, dim);
-                for (int p = 0; p < pages; ++p) {
-                    for (int d = 0; d < dim; ++d) {
-                        float a = u(rng), b = u(rng);
-                        if (p % 5 == 0) b = a;  // pages of one key
-                        if (a > b) std::swap(a, b);
-                        bounds.kmin(p)[d] = kvsparse::from_float<TestType>(a);
-                        bounds.kmax(p)[d] = kvsparse::from_float<TestType>(b);
-                    }
-                }
-                std::vector<float> q(static_cast<std::size_t>(rows * dim));
-                for (float& x : q) x = u(rng);
-                q[0] = 0.0f;
-                q[1] = -0.0f;
+                std::vector<TestType> data;
+                const auto bounds = test_inputs::random_bounds(data, pages, dim, rng);
+                const std::vector<float> q = test_inputs::random_queries(rows, dim, rng);
                 const std::size_t n = static_cast<std::size_t>(pages * rows);
                 using kvsparse::detail::cpu::Isa;
                 std::vector<float> want(n, -1.0f);

@@ -21,6 +21,7 @@
 #include <kvsparse/backends/cuda_backend.cuh>
 
 #include "catch.hpp"
+#include "random_bounds.hpp"
 
 using kvsparse::bfloat16;
 using kvsparse::CpuBackend;
@@ -475,28 +476,15 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half,
 TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(5);
-    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
     for (const int dim : {8, 16, 64, 128, 136}) {
         for (const int rows : {1, 2, 3, 4, 7, 8, 9}) {
             for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::sum,
                                     kvsparse::GqaAggregation::per_query_head}) {
                 CAPTURE(dim, rows, static_cast<int>(mode));
                 const int pages = 37;
-                std::vector<TestType> data(kvsparse::KeyBounds<TestType>::elements(pages, dim));
-                const auto host = kvsparse::KeyBounds<TestType>::packed(data.data(), pages, 16, dim);
-                for (int p = 0; p < pages; ++p) {
-                    for (int d = 0; d < dim; ++d) {
-                        float a = u(rng), b = u(rng);
-                        if (p % 5 == 0) b = a;  // pages of one key
-                        if (a > b) std::swap(a, b);
-                        host.kmin(p)[d] = kvsparse::from_float<TestType>(a);
-                        host.kmax(p)[d] = kvsparse::from_float<TestType>(b);
-                    }
-                }
-                std::vector<float> q(static_cast<std::size_t>(rows * dim));
-                for (float& x : q) x = u(rng);
-                q[0] = 0.0f;
-                q[1] = -0.0f;
+                std::vector<TestType> data;
+                const auto host = test_inputs::random_bounds(data, pages, dim, rng);
+                const std::vector<float> q = test_inputs::random_queries(rows, dim, rng);
                 const std::size_t n = static_cast<std::size_t>(pages * rows);
                 std::vector<float> want(n, -1.0f);
                 CpuBackend::page_scores(host, pages, q, rows, mode, want);
