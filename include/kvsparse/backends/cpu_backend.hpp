@@ -133,9 +133,10 @@ public:
     }
 
     /// Upper-bound scores of pages [0, pages) for `rows` query rows [rows][head_dim] (REFERENCE.md,
-    /// QuestPageSelector): U_r(i) = sum_d max(q_rd * kmax_d, q_rd * kmin_d), no 1/sqrt(D). Each page's
-    /// bounds are read from memory once for all rows. max / sum: scores[i] is the maximum / sum over the
-    /// rows; per_query_head: scores[r * pages + i].
+    /// QuestPageSelector): U_r(i) = sum_d max(q_rd * kmax_d, q_rd * kmin_d), no 1/sqrt(D), added in the
+    /// fixed order that page_score_add and detail::pages::page_rows_portable define (CudaBackend follows
+    /// it too). Each page's bounds are read from memory once for all rows. max / sum: scores[i] is the
+    /// maximum / sum over the rows; per_query_head: scores[r * pages + i].
     template <class T>
     static void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries,
                             std::int32_t rows, GqaAggregation mode, std::span<float> scores) {
