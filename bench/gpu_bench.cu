@@ -249,6 +249,13 @@ void bench_page_scores(cudaStream_t stream) {
         });
         report("page_scores f16", "4 rows x 128 over " + std::to_string(pages) + " pages", ms,
                2.0 * pages * dim * sizeof(kvsparse::half));
+        // The bounds of a prefill chunk of 4096 keys (float rows in, float16 bounds out).
+        Device<float> keys(std::size_t{4096} * dim);
+        fill(keys, 11);
+        const auto writable = kvsparse::KeyBounds<kvsparse::half>::packed(bounds.data, pages, 16, dim);
+        const double fold_ms = time_ms(stream, [&] { backend.append_key_bounds(writable, 0, 4096, keys.cspan(), dim, stream); });
+        report("append_key_bounds f16", "4096 keys x 128 into pages of 16", fold_ms,
+               4096.0 * dim * sizeof(float) + 2.0 * 256 * dim * sizeof(kvsparse::half));
         // Quest's top-k of the scored pages (all but the last), K - 1 = 127.
         Device<std::int32_t> order(static_cast<std::size_t>(pages));
         Device<std::byte> workspace(CudaBackend::top_pages_workspace_bytes(pages - 1));

@@ -19,6 +19,7 @@
 
 #include <kvsparse/backends/cpu_backend.hpp>
 #include <kvsparse/backends/cuda_backend.cuh>
+#include <kvsparse/policies/quest.hpp>
 
 #include "catch.hpp"
 #include "random_bounds.hpp"
@@ -502,6 +503,29 @@ TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]"
     }
 }
 
+TEMPLATE_TEST_CASE("append_key_bounds folds keys like the host", "[cuda][quest]", float, kvsparse::half, bfloat16) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+    const int dim = 24, page_size = 8, stride = 3 * dim, tokens = 203;
+    const int pages = (tokens + page_size - 1) / page_size;
+    std::vector<TestType> host_data(kvsparse::KeyBounds<TestType>::elements(pages, dim), kvsparse::from_float<TestType>(9.0f));
+    const auto host = kvsparse::KeyBounds<TestType>::packed(host_data.data(), pages, page_size, dim);
+    DeviceBuffer<TestType> device_data(host_data);  // stale values: the first key of a page must overwrite them
+    const auto device = kvsparse::KeyBounds<TestType>::packed(device_data.data(), pages, page_size, dim);
+    for (int first = 0; first < tokens;) {
+        const int count = std::min(tokens - first, 1 + static_cast<int>(rng() % 40));  // chunks across pages
+        std::vector<float> keys(static_cast<std::size_t>(count * stride));
+        for (float& x : keys) x = u(rng);
+        for (int i = 0; i < count; ++i) kvsparse::append_key_bounds(host, first + i, keys.data() + i * stride);
+        const DeviceBuffer<float> device_keys(keys);
+        CudaBackend().append_key_bounds(device, first, count, std::span<const float>(device_keys.span()), stride);
+        first += count;
+    }
+    const std::vector<TestType> got = device_data.download();
+    CHECK(std::memcmp(got.data(), host_data.data(), host_data.size() * sizeof(TestType)) == 0);
+}
+
 TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(9);
@@ -590,6 +614,9 @@ TEST_CASE("CudaBackend rejects inconsistent sizes before launching", "[cuda]") {
     CHECK_THROWS_AS(CudaBackend().page_scores(bounds, 4, queries, 1, GqaAggregation::max, scores), kvsparse::invalid_argument);
     CHECK_THROWS_AS(CudaBackend().page_scores(bounds, 4, queries, 2, GqaAggregation::per_query_head, scores),
                     kvsparse::invalid_argument);
+    const auto writable = kvsparse::KeyBounds<float>::packed(storage.data(), 4, 16, 8);
+    CHECK_THROWS_AS(CudaBackend().append_key_bounds(writable, 0, 2, one_row, 8), kvsparse::invalid_argument);  // 1 row
+    CHECK_THROWS_AS(CudaBackend().append_key_bounds(writable, 60, 8, queries, 1), kvsparse::invalid_argument);  // page 4
 }
 
 static_assert(kvsparse::kv_backend<CudaBackend>);

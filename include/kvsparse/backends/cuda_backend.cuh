@@ -21,6 +21,7 @@
 #include "kvsparse/cuda/append.cuh"
 #include "kvsparse/cuda/attend.cuh"
 #include "kvsparse/cuda/common.cuh"
+#include "kvsparse/cuda/key_bounds.cuh"
 #include "kvsparse/cuda/page_scores.cuh"
 #include "kvsparse/cuda/rope.cuh"
 #include "kvsparse/cuda/top_pages.cuh"
@@ -191,6 +192,24 @@ public:
         p.chunks = cuda::attend_chunks(n);
         cuda::attend_layout(p, reinterpret_cast<float*>(workspace.data()));
         cuda::launch_attend(p, cuda_stream);
+    }
+
+    /// For engines that own their cache, on the device: folds the keys appended at positions [first, first
+    /// + count) of an append-only stream (slot == position), rows of `keys` `key_stride` floats apart, into
+    /// their pages of `bounds`; a page's first position initializes it. The same bounds, bit for bit, as
+    /// append_key_bounds on the host, key by key.
+    template <storage_type T>
+    void append_key_bounds(const KeyBounds<T>& bounds, std::int32_t first, std::int32_t count, std::span<const float> keys,
+                           std::int64_t key_stride, stream_type cuda_stream = nullptr) const {
+        detail::require(first >= 0, "first", first, "must not be negative");
+        detail::require(count >= 0, "count", count, "must not be negative");
+        if (count == 0) return;
+        detail::require(bounds.page_size > 0 && (first + count - 1) / bounds.page_size < bounds.pages, "bounds.pages",
+                        bounds.pages, "too few for the appended positions");
+        detail::require(key_stride >= bounds.head_dim, "key_stride", key_stride, "must be at least bounds.head_dim");
+        detail::require(static_cast<std::int64_t>(keys.size()) >= (count - 1) * key_stride + bounds.head_dim, "keys.size()",
+                        keys.size(), "must hold count rows at key_stride");
+        cuda::launch_append_key_bounds(bounds, first, count, keys.data(), key_stride, cuda_stream);
     }
 
     /// Quest's upper-bound page scores of pages [0, pages) of `bounds` (device memory) for `rows` query
