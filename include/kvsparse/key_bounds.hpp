@@ -54,6 +54,19 @@ KVSPARSE_HD inline std::uint32_t page_score_key(float score) {
     return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
 }
 
+/// Folds one stored key element into its page's bounds `lo` / `hi`; the page's first key initializes
+/// them (never merged into what the memory held before). The CPU and CUDA backends both fold with it.
+template <class T>
+KVSPARSE_HD inline void fold_key_bound(T& lo, T& hi, T stored, bool first) {
+    if (first) {
+        lo = hi = stored;
+        return;
+    }
+    const float x = to_float(stored);
+    if (x < to_float(lo)) lo = stored;
+    if (x > to_float(hi)) hi = stored;
+}
+
 /// Writable bounds of one stream: page p's kmin at `data + p * page_stride`, its kmax `head_dim`
 /// elements later. T may be const (read-only use).
 template <class T>

@@ -82,11 +82,12 @@ struct Rows {
     }
 };
 
-template <class T>
+/// Requests the cache lines of `bytes` bytes at `row`: into every level (Locality 3), or L2 and below (2).
+template <int Locality = 3, class T>
 inline void prefetch_row(const T* row, std::size_t bytes) {
 #if defined(__GNUC__) || defined(__clang__)
     const char* p = reinterpret_cast<const char*>(row);
-    for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+    for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, Locality);
 #else
     (void)row;
     (void)bytes;
@@ -115,16 +116,6 @@ inline std::size_t l2_bytes() {
 /// pages overlap (Quest's selected pages: 10-15% faster). For larger sets they would be evicted again.
 inline bool prefetch_values_early(std::size_t n, std::size_t row_bytes) { return n * row_bytes <= l2_bytes() / 2; }
 
-template <class T>
-inline void prefetch_row_l2(const T* row, std::size_t bytes) {
-#if defined(__GNUC__) || defined(__clang__)
-    const char* p = reinterpret_cast<const char*>(row);
-    for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
-#else
-    (void)row;
-    (void)bytes;
-#endif
-}
 
 // ---- scalar pieces shared by both paths ----------------------------------------------------------------
 
@@ -233,6 +224,12 @@ inline Scratch carve(std::span<std::byte> workspace, std::size_t group, std::siz
     return Scratch{scores, key, Turns{key + dim, key + dim + dim / 2}};
 }
 
+/// ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)): the fixed tree every eight-lane sum of the portable
+/// code uses (the vector code's sum8x8 adds in the same order).
+inline float sum_tree8(const float (&x)[8]) {
+    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+}
+
 // ---- portable path -----------------------------------------------------------------------------------
 
 template <storage_type T>
@@ -257,8 +254,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
                 for (std::size_t l = 0; l < 8; ++l) partial[l] += q[d + l] * key[d + l];
             }
             for (; d < dim; ++d) partial[d % 8] += q[d] * key[d];
-            const float dot = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-                              ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+            const float dot = sum_tree8(partial);
             s.scores[g * n + j] = dot * a.scale;
         }
     }
@@ -273,8 +269,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
             for (std::size_t l = 0; l < 8; ++l) partial[l] += row[j + l];
         }
         for (; j < n; ++j) partial[j % 8] += row[j];
-        const float sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-                          ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+        const float sum = sum_tree8(partial);
         const float inverse = 1.0f / sum;
         for (std::size_t i = 0; i < n; ++i) row[i] *= inverse;
     }

@@ -31,14 +31,7 @@ void update_key_bounds(const KeyBounds<T>& bounds, std::int32_t page, const K* k
         } else {
             stored = from_float<T>(to_float(key[d]));  // exactly as CpuBackend::write narrows it
         }
-        if (first) {
-            lo[d] = stored;
-            hi[d] = stored;
-            continue;
-        }
-        const float x = to_float(stored);
-        if (x < to_float(lo[d])) lo[d] = stored;
-        if (x > to_float(hi[d])) hi[d] = stored;
+        fold_key_bound(lo[d], hi[d], stored, first);
     }
 }
 
@@ -87,7 +80,7 @@ void page_rows_portable(const KeyBounds<const T>& bounds, std::int32_t first, st
         for (int r = 0; r < Rows; ++r) {
             float h[8];
             for (std::size_t j = 0; j < 8; ++j) h[j] = lanes[r][j] + lanes[r][j + 8];
-            u[i * Rows + r] = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
+            u[i * Rows + r] = cpu::sum_tree8(h);
         }
     }
 }

@@ -9,17 +9,22 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
-#include <utility>
+#include <type_traits>
 #include <vector>
 
 namespace kvsparse::detail {
 
 class ThreadPool {
 public:
-    /// Threads to use when the user does not say: the hardware's, at least 1.
-    static int default_threads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
+    /// Threads to use when the user does not say: the hardware's, at least 1 (asked once: the question
+    /// costs a system call, and CpuBackend asks it on every parallel_for).
+    static int default_threads() {
+        static const int count = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        return count;
+    }
 
     /// `threads` counts the calling thread: 1 runs everything inline, 0 means default_threads().
     explicit ThreadPool(int threads = 0) {

@@ -272,19 +272,7 @@ public:
     /// ascending (see the file comment and REFERENCE.md); `queries` [rows][head_dim].
     std::int32_t select(const StreamState& stream, std::span<const float> queries, std::span<std::int32_t> out) const {
         if (streaming(stream.layer, stream.kv_head)) return streaming_.select(stream, queries, out);
-        const std::int32_t tokens = stream.next_position;
-        const std::span<const std::int32_t> pages = select_pages(stream, queries);
-        if (pages.empty()) {  // all pages
-            for (std::int32_t p = 0; p < tokens; ++p) out[static_cast<std::size_t>(p)] = p;
-            return tokens;
-        }
-        const std::int32_t P = config_.physical_page;
-        std::int32_t count = 0;
-        for (const std::int32_t page : pages) {
-            const std::int32_t end = std::min(tokens, (page + 1) * P);
-            for (std::int32_t slot = page * P; slot < end; ++slot) out[static_cast<std::size_t>(count++)] = slot;
-        }
-        return count;
+        return slots_of_pages(select_pages(stream, queries), config_.physical_page, stream.next_position, out);
     }
 
     /// Retrieval heads: the selected physical pages for the step at stream.next_position - 1, ascending,

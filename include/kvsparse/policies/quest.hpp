@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <span>
 
 #include "kvsparse/backends/cpu_backend.hpp"
@@ -36,6 +37,22 @@ struct QuestScratchSizes {
     std::size_t scores = 0;  ///< floats
     std::size_t order = 0;   ///< int32
 };
+
+/// The slots of `pages` (ascending page numbers, `page_size` slots each) of a stream of `tokens` slots,
+/// into `out`, the last page cut at `tokens`; every slot when `pages` is empty. Returns the count.
+inline std::int32_t slots_of_pages(std::span<const std::int32_t> pages, std::int32_t page_size, std::int32_t tokens,
+                                   std::span<std::int32_t> out) {
+    if (pages.empty()) {
+        std::iota(out.begin(), out.begin() + tokens, 0);
+        return tokens;
+    }
+    std::int32_t count = 0;
+    for (const std::int32_t page : pages) {
+        const std::int32_t end = std::min(tokens, (page + 1) * page_size);
+        for (std::int32_t slot = page * page_size; slot < end; ++slot) out[static_cast<std::size_t>(count++)] = slot;
+    }
+    return count;
+}
 
 class QuestPageSelector : public policy_defaults {
 public:
@@ -85,20 +102,8 @@ public:
     /// heads (aggregated with max or sum) or one head (per_query_head).
     std::int32_t select(const StreamState& stream, std::span<const float> queries, std::span<std::int32_t> out) const {
         const std::int32_t tokens = stream.next_position;
-        const std::int32_t pages = pages_for(tokens);
-        if (dense_layer(stream.layer) || pages <= page_budget()) {
-            for (std::int32_t p = 0; p < tokens; ++p) out[static_cast<std::size_t>(p)] = p;
-            return tokens;
-        }
-        const std::span<const std::int32_t> chosen = choose(stream, queries, aggregation(), 0);
-        // Pages ascending, the last one partial.
-        const std::int32_t P = config_.page_size;
-        std::int32_t count = 0;
-        for (const std::int32_t page : chosen) {
-            const std::int32_t end = std::min(tokens, (page + 1) * P);
-            for (std::int32_t slot = page * P; slot < end; ++slot) out[static_cast<std::size_t>(count++)] = slot;
-        }
-        return count;
+        const bool all = dense_layer(stream.layer) || pages_for(tokens) <= page_budget();
+        return slots_of_pages(all ? std::span<const std::int32_t>{} : choose(stream, queries), config_.page_size, tokens, out);
     }
 
     // ---- page lists (engines with their own kernels) ---------------------------------------------------
@@ -112,7 +117,7 @@ public:
             for (std::int32_t p = 0; p < n; ++p) pages[static_cast<std::size_t>(p)] = p;
             return n;
         }
-        const std::span<const std::int32_t> chosen = choose(stream, queries, aggregation(), 0);
+        const std::span<const std::int32_t> chosen = choose(stream, queries);
         std::copy(chosen.begin(), chosen.end(), pages.begin());
         return static_cast<std::int32_t>(chosen.size());
     }
@@ -145,8 +150,7 @@ public:
         detail::require(out.indices.size() >= static_cast<std::size_t>(out.indptr[r0]) + static_cast<std::size_t>(rows * per_row),
                         "page lists indices", out.indices.size(), "too small (see page_list_sizes)");
         if (!all) {
-            const GqaAggregation mode = per_query_head() ? GqaAggregation::per_query_head : config_.gqa;
-            score(stream, queries, group, mode);
+            score(stream, queries, group, config_.gqa);
         }
         for (std::int32_t r = 0; r < rows; ++r) {
             const auto at = r0 + static_cast<std::size_t>(r);
@@ -220,11 +224,11 @@ private:
         return b.order.first(static_cast<std::size_t>(k) + 1);
     }
 
-    std::span<const std::int32_t> choose(const StreamState& stream, std::span<const float> queries, GqaAggregation mode,
-                                         std::int32_t r) const {
+    /// The selection for `queries` (the group's rows, or one head's with per_query_head).
+    std::span<const std::int32_t> choose(const StreamState& stream, std::span<const float> queries) const {
         const std::int32_t rows = stream.bounds.head_dim > 0 ? static_cast<std::int32_t>(queries.size()) / stream.bounds.head_dim : 0;
-        score(stream, queries, rows, mode);
-        return pick(stream, pages_for(stream.next_position), r);
+        score(stream, queries, rows, aggregation());
+        return pick(stream, pages_for(stream.next_position), 0);
     }
 
     Config config_;

@@ -2,7 +2,8 @@
 // Quest's per-page key bounds on the GPU (CudaBackend::append_key_bounds): the keys appended at
 // positions [first, first + count) of an append-only stream (slot == position) folded into the min / max
 // of their pages, exactly as CpuBackend::update_key_bounds folds them one at a time: each key narrowed to
-// the storage type as a write narrows it, a page's first position initializing it. One thread per (page,
+// the storage type as a write narrows it, a page's first position initializing it (fold_key_bound,
+// shared with the CPU). One thread per (page,
 // element) walks that page's new keys in order, so pages that several keys of a call share need no
 // atomics.
 
@@ -18,10 +19,9 @@ namespace kvsparse::cuda {
 
 template <storage_type T>
 __global__ void append_key_bounds_kernel(KeyBounds<T> bounds, std::int32_t first, std::int32_t count, const float* keys,
-                                         std::int64_t key_stride) {
+                                         std::int64_t key_stride, std::int64_t pages) {
     const std::int32_t P = bounds.page_size, dim = bounds.head_dim;
     const std::int32_t first_page = first / P;
-    const std::int64_t pages = (first + count - 1) / P - first_page + 1;
     for (std::int64_t i = global_thread(); i < pages * dim; i += grid_threads()) {
         const auto page = static_cast<std::int32_t>(first_page + i / dim);
         const auto d = static_cast<std::int32_t>(i % dim);
@@ -30,13 +30,7 @@ __global__ void append_key_bounds_kernel(KeyBounds<T> bounds, std::int32_t first
         const std::int32_t end = (page + 1) * P < first + count ? (page + 1) * P : first + count;
         for (std::int32_t position = begin; position < end; ++position) {
             const T stored = from_float<T>(keys[static_cast<std::int64_t>(position - first) * key_stride + d]);
-            if (position % P == 0) {
-                lo = hi = stored;
-                continue;
-            }
-            const float x = to_float(stored);
-            if (x < to_float(lo)) lo = stored;
-            if (x > to_float(hi)) hi = stored;
+            fold_key_bound(lo, hi, stored, position % P == 0);
         }
         bounds.kmin(page)[d] = lo;
         bounds.kmax(page)[d] = hi;
@@ -48,7 +42,7 @@ void launch_append_key_bounds(const KeyBounds<T>& bounds, std::int32_t first, st
                               std::int64_t key_stride, cudaStream_t stream) {
     const std::int64_t pages = (first + count - 1) / bounds.page_size - first / bounds.page_size + 1;
     append_key_bounds_kernel<T><<<blocks_for(pages * bounds.head_dim), kThreads, 0, stream>>>(bounds, first, count, keys,
-                                                                                               key_stride);
+                                                                                               key_stride, pages);
     check_launch("append_key_bounds_kernel");
 }
 
