@@ -173,11 +173,11 @@ public:
                 const std::int32_t slot = scratch_slots_[static_cast<std::size_t>(i)];
                 if (s.positions[static_cast<std::size_t>(slot)] != first + i) continue;
                 const std::size_t offset = static_cast<std::size_t>(i) * row + static_cast<std::size_t>(h * config_.shape.head_dim);
-                backend_.write(view(s, h), std::span<const std::int32_t>(&scratch_slots_[static_cast<std::size_t>(i)], 1),
+                backend_.write(view(s), std::span<const std::int32_t>(&scratch_slots_[static_cast<std::size_t>(i)], 1),
                                stored_keys.subspan(offset), values.subspan(offset), 0, stream);
                 if (bounds_page > 0) bounds_after_write(s, bounds_page, slot, stored_keys.data() + offset);
             }
-            if (bounds_page > 0) rebuild_bounds(s, h, bounds_page, dirty_pages_);
+            if (bounds_page > 0) rebuild_bounds(s, bounds_page, dirty_pages_);
         }
         sequence.lengths[static_cast<std::size_t>(layer)] += n;
     }
@@ -188,9 +188,8 @@ public:
                 stream_type stream = {}) {
         Sequence& sequence = at(id);
         check_layer(layer);
-        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
-        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
-        detail::require(out.size() == q_size, "out.size()", out.size(), "must be q_heads * head_dim");
+        check_queries(queries);
+        detail::require(out.size() == queries.size(), "out.size()", out.size(), "must be q_heads * head_dim");
         const std::int32_t t = sequence.lengths[static_cast<std::size_t>(layer)] - 1;
         detail::require(t >= 0, "length", t + 1, "attend needs at least one appended token");
         const std::span<const float> q = rotated_queries(queries, t, 1, stream);
@@ -199,7 +198,7 @@ public:
         for_each_head([&](std::int32_t h, Scratch& w) {
             for_each_row(h, q, [&](std::int32_t first_q_head, std::span<const float> rows) {
                 const auto slots = select_row(sequence, layer, h, rows, w, first_q_head);
-                attend_group(stream_at(sequence, layer, h), h, slots, rows, t,
+                attend_group(stream_at(sequence, layer, h), slots, rows, t,
                              out.subspan(static_cast<std::size_t>(first_q_head) * dim, rows.size()), stream, &w);
             });
         });
@@ -211,8 +210,7 @@ public:
                 stream_type stream = {}) {
         Sequence& sequence = at(id);
         check_layer(layer);
-        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
-        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
+        check_queries(queries);
         // An empty stream selects nothing; its query position is then irrelevant.
         const std::int32_t t = std::max(sequence.lengths[static_cast<std::size_t>(layer)] - 1, 0);
         const std::span<const float> q = rotated_queries(queries, t, 1, stream);
@@ -259,8 +257,7 @@ public:
     {
         Sequence& sequence = at(id);
         check_layer(layer);
-        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
-        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
+        check_queries(queries);
         detail::require(!out.indptr.empty(), "out.indptr.size()", 0, "must be rows + 1 (see page_list_sizes)");
         const std::int32_t t = std::max(sequence.lengths[static_cast<std::size_t>(layer)] - 1, 0);
         const std::span<const float> q = rotated_queries(queries, t, 1, stream);
@@ -306,7 +303,7 @@ public:
                 scratch_slots_[static_cast<std::size_t>(i)] = base + i;
                 occupy(s, base + i, first + i);
             }
-            backend_.write(view(s, h), std::span<const std::int32_t>(scratch_slots_),
+            backend_.write(view(s), std::span<const std::int32_t>(scratch_slots_),
                            stored_keys.subspan(static_cast<std::size_t>(h * dim)),
                            values.subspan(static_cast<std::size_t>(h * dim)), static_cast<std::int32_t>(kv_row), stream);
 
@@ -320,7 +317,7 @@ public:
                 const std::int32_t qpos = first + i;
                 gather_prefill_visible(layer, h, qpos, visible);
                 const std::size_t q_offset = static_cast<std::size_t>(i) * q_row + static_cast<std::size_t>(h) * group_size;
-                attend_group(s, h, visible, rotated_q.subspan(q_offset, group_size), qpos, out.subspan(q_offset, group_size),
+                attend_group(s, visible, rotated_q.subspan(q_offset, group_size), qpos, out.subspan(q_offset, group_size),
                              stream);
             }
         }
@@ -329,7 +326,7 @@ public:
             const std::int32_t bounds_page = policy_.bounds_page_size(layer, h);
             if (bounds_page > 0) bounds_positions_.assign(stream_at(sequence, layer, h).positions.begin(), stream_at(sequence, layer, h).positions.end());
             evict_after_prefill(sequence, layer, h, stream);
-            if (bounds_page > 0) bounds_after_prefill(stream_at(sequence, layer, h), h, bounds_page, n);
+            if (bounds_page > 0) bounds_after_prefill(stream_at(sequence, layer, h), bounds_page, n);
         }
     }
 
@@ -346,7 +343,7 @@ public:
     StreamView<T> stream_view(SequenceId id, std::int32_t layer, std::int32_t kv_head) {
         check_head(kv_head);
         check_layer(layer);
-        return view(stream_at(at(id), layer, kv_head), kv_head);
+        return view(stream_at(at(id), layer, kv_head));
     }
 
     /// K-shift for engines that cache rotated keys: re-rotate the keys of `slots` by `delta` positions.
@@ -355,20 +352,13 @@ public:
         detail::require(config_.rope.has_value(), "rope", "none", "shift_keys needs CacheConfig::rope");
         StreamView<T> v = stream_view(id, layer, kv_head);
         const Stream& s = stream_at(at(id), layer, kv_head);
-        for (const std::int32_t slot : slots) {
-            detail::require(slot >= 0 && static_cast<std::size_t>(slot) < s.positions.size() &&
-                                s.positions[static_cast<std::size_t>(slot)] != free_slot,
-                            "slot", slot, "is not a held slot of this stream");
-        }
+        check_held(s, slots);
         backend_.shift_keys(v, slots, delta, *config_.rope, stream);
         const std::int32_t bounds_page = policy_.bounds_page_size(layer, kv_head);
         if (bounds_page > 0) {  // the turned keys' pages get new bounds
             dirty_pages_.clear();
-            for (const std::int32_t slot : slots) {
-                if (std::find(dirty_pages_.begin(), dirty_pages_.end(), slot / bounds_page) == dirty_pages_.end())
-                    dirty_pages_.push_back(slot / bounds_page);
-            }
-            rebuild_bounds(stream_at(at(id), layer, kv_head), kv_head, bounds_page, dirty_pages_);
+            for (const std::int32_t slot : slots) mark_dirty(slot / bounds_page);
+            rebuild_bounds(stream_at(at(id), layer, kv_head), bounds_page, dirty_pages_);
         }
     }
 
@@ -385,11 +375,7 @@ public:
         detail::require(probabilities.size() == slots.size(), "probabilities.size()", probabilities.size(),
                         "must equal slots.size()");
         Stream& s = stream_at(at(id), layer, kv_head);
-        for (const std::int32_t slot : slots) {
-            detail::require(slot >= 0 && static_cast<std::size_t>(slot) < s.positions.size() &&
-                                s.positions[static_cast<std::size_t>(slot)] != free_slot,
-                            "slot", slot, "is not a held slot of this stream");
-        }
+        check_held(s, slots);
         for (std::size_t i = 0; i < slots.size(); ++i) s.scores[static_cast<std::size_t>(slots[i])] += probabilities[i];
     }
 
@@ -486,9 +472,27 @@ private:
         return StreamState{s.positions, s.held, s.next_position, layer, h, s.scores};
     }
 
-    StreamView<T> view(Stream& s, std::int32_t) {
+    StreamView<T> view(Stream& s) {
         return StreamView<T>{pool_.keys(), pool_.values(),
                              PageTableView{s.pages.data(), static_cast<std::int32_t>(s.pages.size())}, 0};
+    }
+
+    void check_queries(std::span<const float> queries) const {
+        const std::size_t q_size = static_cast<std::size_t>(config_.shape.q_heads * config_.shape.head_dim);
+        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be q_heads * head_dim");
+    }
+
+    static void check_held(const Stream& s, std::span<const std::int32_t> slots) {
+        for (const std::int32_t slot : slots) {
+            detail::require(slot >= 0 && static_cast<std::size_t>(slot) < s.positions.size() &&
+                                s.positions[static_cast<std::size_t>(slot)] != free_slot,
+                            "slot", slot, "is not a held slot of this stream");
+        }
+    }
+
+    /// Notes page `page` of the stream being changed for a bounds rebuild, once.
+    void mark_dirty(std::int32_t page) {
+        if (std::find(dirty_pages_.begin(), dirty_pages_.end(), page) == dirty_pages_.end()) dirty_pages_.push_back(page);
     }
 
     /// Checks, before anything changes, that the pool can give each stream of `layer` the pages it needs
@@ -532,24 +536,25 @@ private:
 
     std::span<const float> rotated_keys(std::span<const float> keys, std::int32_t first, std::int32_t n,
                                         stream_type stream) {
-        if (!cache_rotates()) return keys;
-        rotated_.assign(keys.begin(), keys.end());
-        positions_.resize(static_cast<std::size_t>(n));
-        std::iota(positions_.begin(), positions_.end(), first);
-        backend_.rope(rotated_, config_.shape.kv_heads, config_.shape.head_dim, positions_, *config_.rope, stream);
-        return rotated_;
+        return rotated(keys, config_.shape.kv_heads, first, n, rotated_, stream);
     }
 
     /// Queries [n][q_heads][head_dim] at positions first.. as attention sees them: rotated at their absolute
     /// positions when the cache rotates, else as given.
     std::span<const float> rotated_queries(std::span<const float> queries, std::int32_t first, std::int32_t n,
                                            stream_type stream) {
-        if (!cache_rotates()) return queries;
-        rotated_queries_.assign(queries.begin(), queries.end());
+        return rotated(queries, config_.shape.q_heads, first, n, rotated_queries_, stream);
+    }
+
+    /// Rows [n][heads][head_dim] at positions first.., rotated into `buffer` when the cache rotates.
+    std::span<const float> rotated(std::span<const float> rows, std::int32_t heads, std::int32_t first, std::int32_t n,
+                                   std::vector<float>& buffer, stream_type stream) {
+        if (!cache_rotates()) return rows;
+        buffer.assign(rows.begin(), rows.end());
         positions_.resize(static_cast<std::size_t>(n));
         std::iota(positions_.begin(), positions_.end(), first);
-        backend_.rope(rotated_queries_, config_.shape.q_heads, config_.shape.head_dim, positions_, *config_.rope, stream);
-        return rotated_queries_;
+        backend_.rope(buffer, heads, config_.shape.head_dim, positions_, *config_.rope, stream);
+        return buffer;
     }
 
     /// Buffers of one task of attend / select (one per KV head, so the heads can run at once). They grow
@@ -604,7 +609,7 @@ private:
     /// Attention of query rows (rotated as for their absolute position `qpos`) of KV head `h` over `slots`
     /// (ascending positions). In-cache positions turn every key from its position to its rank in the
     /// set, and the queries to the last rank.
-    void attend_group(Stream& s, std::int32_t h, std::span<const std::int32_t> slots, std::span<const float> queries,
+    void attend_group(Stream& s, std::span<const std::int32_t> slots, std::span<const float> queries,
                       std::int32_t qpos, std::span<float> out, stream_type stream, Scratch* task = nullptr) {
         Scratch& w = task ? *task : scratch_;
         const std::int32_t dim = config_.shape.head_dim;
@@ -629,7 +634,7 @@ private:
         // float per slot of the set, no attention matrix), which then goes to that token's score.
         const bool accumulate = policy_.accumulates_attention();
         if (accumulate) w.probabilities.assign(slots.size(), 0.0f);
-        AttendArgs<T> args{view(s, h),
+        AttendArgs<T> args{view(s),
                            slots,
                            q,
                            group,
@@ -699,8 +704,7 @@ private:
                 }
             }
         }
-        if (rebuild && std::find(dirty_pages_.begin(), dirty_pages_.end(), page) == dirty_pages_.end())
-            dirty_pages_.push_back(page);
+        if (rebuild) mark_dirty(page);
     }
 
     /// After the key of `slot` is written: fold it into its page, unless that page is to be rebuilt.
@@ -713,11 +717,11 @@ private:
 
     /// Rebuilds `pages` from the keys their held slots store (a page with none is left as is: its next
     /// key rebuilds it again).
-    void rebuild_bounds(Stream& s, std::int32_t h, std::int32_t bounds_page, std::span<const std::int32_t> pages) {
+    void rebuild_bounds(Stream& s, std::int32_t bounds_page, std::span<const std::int32_t> pages) {
         if constexpr (backend_keeps_bounds) {
             grow_bounds(s, bounds_page);
             const KeyBounds<T> bounds = bounds_of(s, bounds_page);
-            const StreamView<T> v = view(s, h);
+            const StreamView<T> v = view(s);
             for (const std::int32_t page : pages) {
                 const std::size_t end = std::min(s.positions.size(), static_cast<std::size_t>(page + 1) * static_cast<std::size_t>(bounds_page));
                 bool first = true;
@@ -732,7 +736,7 @@ private:
 
     /// After a prefill's eviction: rebuilds every page from the first slot whose token changed (the
     /// chunk's first slot at the latest). `bounds_positions_` holds the slots before the eviction.
-    void bounds_after_prefill(Stream& s, std::int32_t h, std::int32_t bounds_page, std::int32_t chunk) {
+    void bounds_after_prefill(Stream& s, std::int32_t bounds_page, std::int32_t chunk) {
         const std::size_t before = bounds_positions_.size();
         std::size_t changed = before - static_cast<std::size_t>(chunk);
         for (std::size_t j = 0; j < std::min(changed, s.positions.size()); ++j) {
@@ -744,7 +748,7 @@ private:
         const auto pages = static_cast<std::int32_t>((static_cast<std::int64_t>(s.positions.size()) + bounds_page - 1) / bounds_page);
         dirty_pages_.clear();
         for (auto p = static_cast<std::int32_t>(changed / static_cast<std::size_t>(bounds_page)); p < pages; ++p) dirty_pages_.push_back(p);
-        rebuild_bounds(s, h, bounds_page, dirty_pages_);
+        rebuild_bounds(s, bounds_page, dirty_pages_);
     }
 
     /// The held slots that prefill query position `qpos` of KV head `h` sees, ascending: the policy's
@@ -809,7 +813,7 @@ private:
         }
         detail::require(static_cast<std::int64_t>(placed.positions.size()) <= static_cast<std::int64_t>(s.pages.size()) * config_.page_size,
                         "policy.place", static_cast<std::int64_t>(placed.positions.size()), "slot beyond the reserved pages");
-        if (!scratch_slots_.empty()) backend_.copy_slots(view(s, h), scratch_slots_, visible_, stream);
+        if (!scratch_slots_.empty()) backend_.copy_slots(view(s), scratch_slots_, visible_, stream);
         placed.next_position = s.next_position;
         placed.pages = std::move(s.pages);
         placed.bounds = std::move(s.bounds);  // the caller rebuilds the pages whose slots changed
