@@ -48,9 +48,12 @@
 #include <kvsparse/policies/lserve.hpp>
 #include <kvsparse/policies/quest.hpp>
 
+#include "random.hpp"
+
 namespace {
 
 using namespace kvsparse;
+using kvsparse::bench::Random;
 using Storage = half;
 using Clock = std::chrono::steady_clock;
 
@@ -153,21 +156,6 @@ void BM_Copy(benchmark::State& state, std::int64_t bytes) {
 }
 
 // ---- synthetic caches ----------------------------------------------------------------------------------
-
-/// Uniform floats in [-1, 1) (splitmix64): fast and reproducible.
-struct Random {
-    std::uint64_t state;
-    float next() {
-        std::uint64_t x = (state += 0x9e3779b97f4a7c15ull);
-        x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-        x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-        x ^= x >> 31;
-        return static_cast<float>(static_cast<double>(x >> 40) * 0x1p-23 - 1.0);
-    }
-    void fill(std::vector<float>& v) {
-        for (float& x : v) x = next();
-    }
-};
 
 /// A cache of `layers` layers holding one sequence of `context` tokens (decode appends of random keys and
 /// values), one random query per layer, room for `extra` more tokens per layer.

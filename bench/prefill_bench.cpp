@@ -18,6 +18,8 @@
 
 #include <kvsparse/kvsparse.hpp>
 
+#include "random.hpp"
+
 namespace {
 
 using namespace kvsparse;
@@ -26,13 +28,8 @@ constexpr std::int32_t prefill_dim = 64;
 constexpr std::int32_t prefill_sink = 64;
 constexpr std::int32_t prefill_local = 512;
 
-float prefill_value(std::uint64_t x) {  // deterministic values in [-1, 1)
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return static_cast<float>(static_cast<double>(x >> 40) * 0x1p-23 - 1.0);
-}
+// Deterministic values in [-1, 1): the first value of a splitmix64 stream seeded with x.
+float prefill_value(std::uint64_t x) { return bench::Random{x}.next(); }
 
 void BM_Prefill(benchmark::State& state, HeadKind kind) {
     const auto tokens = static_cast<std::int32_t>(state.range(0));

@@ -1,5 +1,7 @@
 #pragma once
-// parallel_for: a small pool of worker threads that take task indices from a shared counter.
+// parallel_for for the tools' coarse tasks (layers, policies): threads started per call that take task
+// indices from a shared counter. Not detail::ThreadPool: its tasks run nested loops inline, while a
+// tool's task keeps its caches' own threads.
 
 #include <algorithm>
 #include <atomic>
@@ -9,10 +11,12 @@
 #include <thread>
 #include <vector>
 
+#include <kvsparse/detail/thread_pool.hpp>
+
 namespace kvsparse::tools {
 
-/// Threads to use when the user does not say: the hardware's, at least 1.
-inline int default_threads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
+/// Threads to use when the user does not say: the hardware's, at least 1 (as CpuBackend's).
+inline int default_threads() { return kvsparse::detail::ThreadPool::default_threads(); }
 
 /// Runs task(i) for every i in [0, n) on up to `threads` threads (the calling thread is one of them);
 /// the tasks are independent. The first exception a task throws is rethrown here once all threads

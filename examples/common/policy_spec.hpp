@@ -97,6 +97,30 @@ struct PolicyEntry {
     std::vector<std::string> (*defaults)(std::int32_t budget, bool rope, bool gates);
 };
 
+namespace detail {
+
+/// The `gqa` key of the page-selecting policies (quest, lserve).
+inline KeySpec gqa_key() {
+    return {.name = "gqa",
+            .kind = ValueKind::word,
+            .fallback = "max",
+            .words = {"max", "sum", "per_query_head"},
+            .help = "query heads of a KV head: the max or sum of their page scores, or a selection each"};
+}
+
+/// The aggregation the checked `gqa` key names.
+inline GqaAggregation gqa_of(const SpecValues& v) {
+    const std::string& gqa = v.word("gqa");
+    return gqa == "sum"              ? GqaAggregation::sum
+           : gqa == "per_query_head" ? GqaAggregation::per_query_head
+                                     : GqaAggregation::max;
+}
+
+/// Sink positions in the default specs at `budget` tokens: 4, fewer when the budget is at most 4.
+inline std::int32_t default_sinks(std::int32_t budget) { return budget > 4 ? 4 : budget - 1; }
+
+}  // namespace detail
+
 inline const std::vector<PolicyEntry>& policy_table() {
     static const std::vector<PolicyEntry> table = {
         {"dense",
@@ -125,7 +149,7 @@ inline const std::vector<PolicyEntry>& policy_table() {
                   .positions = v.word("positions") == "in_cache" ? PositionMode::in_cache : PositionMode::absolute});
          },
          [](std::int32_t budget, bool rope, bool) {
-             const std::int32_t sinks = budget > 4 ? 4 : budget - 1;
+             const std::int32_t sinks = detail::default_sinks(budget);
              const std::string base =
                  "sink:sinks=" + std::to_string(sinks) + ",window=" + std::to_string(budget - sinks);
              std::vector<std::string> specs{base};
@@ -149,19 +173,12 @@ inline const std::vector<PolicyEntry>& policy_table() {
          {{.name = "page", .fallback = "16", .min = 1, .max = 1 << 30, .help = "positions per page (a power of two)"},
           {.name = "budget", .min = 1, .help = "tokens a query reads: max(1, budget / page) pages, the last one included"},
           {.name = "dense_layers", .fallback = "2", .help = "layers [0, N) attend densely"},
-          {.name = "gqa",
-           .kind = ValueKind::word,
-           .fallback = "max",
-           .words = {"max", "sum", "per_query_head"},
-           .help = "query heads of a KV head: the max or sum of their page scores, or a selection each"}},
+          detail::gqa_key()},
          [](const SpecValues& v, const PolicyContext&) -> AnyPolicy {
-             const std::string& gqa = v.word("gqa");
              return QuestPageSelector({.page_size = v.integer("page"),
                                        .token_budget = v.integer("budget"),
                                        .dense_layers = v.integer("dense_layers"),
-                                       .gqa = gqa == "sum"              ? GqaAggregation::sum
-                                              : gqa == "per_query_head" ? GqaAggregation::per_query_head
-                                                                        : GqaAggregation::max});
+                                       .gqa = detail::gqa_of(v)});
          },
          [](std::int32_t budget, bool, bool) {
              // Pages of 16, or the largest power of two within a smaller budget, so that a query reads at
@@ -183,11 +200,7 @@ inline const std::vector<PolicyEntry>& policy_table() {
           {.name = "sparsity", .kind = ValueKind::real, .fallback = "0.5", .max = 1, .help = "fraction of heads that stream (lowest alpha first)"},
           {.name = "prefill_sink", .fallback = "-1", .min = -1, .help = "streaming-head prefill: sink columns (-1: sink)"},
           {.name = "prefill_local", .fallback = "-1", .min = -1, .help = "streaming-head prefill: local band (-1: local)"},
-          {.name = "gqa",
-           .kind = ValueKind::word,
-           .fallback = "max",
-           .words = {"max", "sum", "per_query_head"},
-           .help = "query heads of a KV head: the max or sum of their page scores, or a selection each"}},
+          detail::gqa_key()},
          [](const SpecValues& v, const PolicyContext& context) -> AnyPolicy {
              if (context.alpha.empty()) {
                  throw invalid_argument("lserve takes its head kinds from gate values alpha[L][Hkv] (meta.json \"alpha\"), "
@@ -200,7 +213,6 @@ inline const std::vector<PolicyEntry>& policy_table() {
                                         std::to_string(context.layers) + " layers of " + std::to_string(context.kv_heads) +
                                         " KV heads");
              }
-             const std::string& gqa = v.word("gqa");
              return LServeHybrid(HeadKinds::from_gates(context.alpha, v.real("sparsity")),
                                  {.sink = v.integer("sink"),
                                   .local = v.integer("local"),
@@ -210,16 +222,14 @@ inline const std::vector<PolicyEntry>& policy_table() {
                                   .reuse_interval = v.integer("reuse"),
                                   .prefill_sink = v.integer("prefill_sink"),
                                   .prefill_local = v.integer("prefill_local"),
-                                  .gqa = gqa == "sum"              ? GqaAggregation::sum
-                                         : gqa == "per_query_head" ? GqaAggregation::per_query_head
-                                                                   : GqaAggregation::max});
+                                  .gqa = detail::gqa_of(v)});
          },
          [](std::int32_t budget, bool, bool gates) {
              // Only for traces with gate values. Streaming heads hold `budget` (4 sinks, as the sink policy);
              // retrieval heads read `budget` tokens: physical pages of 64 (smaller for budgets below 192, so
              // that the 3 pages LServe always reads fit), logical pages of 16 (or the physical page).
              if (!gates) return std::vector<std::string>{};
-             const std::int32_t sink = budget > 4 ? 4 : budget - 1;
+             const std::int32_t sink = detail::default_sinks(budget);
              std::int32_t physical = 64;
              while (physical > 1 && 3 * physical > budget) physical /= 2;
              const std::int32_t logical = physical < 16 ? physical : 16;

@@ -45,7 +45,6 @@ public:
 
     /// Thread-safe.
     void advance(std::int64_t n = 1) { done_.fetch_add(n, std::memory_order_relaxed); }
-    std::int64_t done() const { return done_.load(std::memory_order_relaxed); }
 
     /// Stops updating and erases the bar if it was drawn.
     void finish() {

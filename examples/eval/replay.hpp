@@ -335,9 +335,11 @@ inline std::vector<LayerFigures> replay_layer(const Trace& trace, const std::vec
             if (!masks.empty()) {
                 for (std::int32_t r = 0; r < P; ++r) {
                     std::fill(row.begin(), row.end(), std::uint8_t{0});
-                    for (std::int32_t h = 0; h < Hq; ++h) {
+                    // Visibility depends on the KV head only: one query per (KV head, r, j), G rows filled.
+                    for (std::int32_t kv = 0; kv < trace.shape.kv_heads; ++kv) {
                         for (std::int32_t j = 0; j <= r; ++j) {
-                            if (runs[i]->prefill_visible(h / G, r, j))
+                            if (!runs[i]->prefill_visible(kv, r, j)) continue;
+                            for (std::int32_t h = kv * G; h < (kv + 1) * G; ++h)
                                 row[static_cast<std::size_t>(h) * static_cast<std::size_t>(T) +
                                     static_cast<std::size_t>(j)] = 1;
                         }

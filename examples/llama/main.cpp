@@ -107,6 +107,7 @@ int generate(const GenerateOptions& o) {
     // The prompt is printed as its tokens are fed, then each sampled token as it is produced.
     const auto start = std::chrono::steady_clock::now();
     std::int32_t generated = 0;
+    std::vector<double> p;  // sampling weights, reused across tokens
     for (std::size_t pos = 0; pos + 1 < static_cast<std::size_t>(total); ++pos) {
         const std::span<const float> logits = engine->step(tokens[pos]);
         if (pos + 1 < tokens.size()) {
@@ -117,7 +118,7 @@ int generate(const GenerateOptions& o) {
         if (o.temperature <= 0) {
             next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
         } else {
-            std::vector<double> p(logits.size());
+            p.resize(logits.size());
             const float top = *std::max_element(logits.begin(), logits.end());
             for (std::size_t i = 0; i < p.size(); ++i) p[i] = std::exp((logits[i] - top) / o.temperature);
             next = static_cast<std::int32_t>(std::discrete_distribution<std::int32_t>(p.begin(), p.end())(rng));
