@@ -123,6 +123,21 @@ struct Case {
     bool rotate;
 };
 
+/// Cases a vectorized path was compared in, so that a CPU without one cannot pass silently.
+int vector_cases = 0;
+
+/// Where the CPU has AVX2 (and F16C), its vector paths must have been compared; elsewhere, say so.
+void require_vector_paths(int compared) {
+#if KVSPARSE_CPU_X86
+    if (kvsparse::detail::cpu::has_avx2_fma_f16c()) {
+        CHECK(compared > 0);
+        if (!kvsparse::detail::cpu::has_avx512f()) WARN("no AVX-512 on this CPU: its path was not compared");
+        return;
+    }
+#endif
+    WARN("no AVX2 on this CPU: only the portable path was compared (" << compared << " vector cases)");
+}
+
 template <class T>
 void check_case(const Case& c, std::uint32_t seed) {
     CAPTURE(c.dim, c.group, c.n, c.page_size, c.rotate, seed);
@@ -160,6 +175,7 @@ void check_case(const Case& c, std::uint32_t seed) {
             const auto scratch = kvsparse::detail::cpu::carve(workspace, static_cast<std::size_t>(c.group),
                                                               static_cast<std::size_t>(c.n), static_cast<std::size_t>(c.dim));
             if (!kvsparse::detail::cpu::attend_with(isa, args, scratch)) continue;  // not on this CPU / shape
+            if (isa != Isa::portable) ++vector_cases;
             // attend_with leaves the probabilities in the scores; add them as attend does.
             for (int j = 0; j < c.n; ++j)
                 for (int g = 0; g < c.group; ++g) mass[static_cast<std::size_t>(j)] += scratch.scores[static_cast<std::size_t>(g * c.n + j)];
@@ -185,6 +201,7 @@ TEMPLATE_TEST_CASE("CpuBackend::attend matches a double reference on every path 
     for (const int page_size : {1, 12, 16, 64}) check_case<TestType>({128, 4, 1000, page_size, false}, seed++);
     check_case<TestType>({128, 4, 5000, 16, false}, seed++);
     for (const int group : {1, 4, 6}) check_case<TestType>({64, group, 77, 16, true}, seed++);
+    require_vector_paths(vector_cases);
 }
 
 TEST_CASE("CpuBackend::attend with no slots writes zeros", "[cpu][attend]") {
@@ -289,6 +306,7 @@ TEST_CASE("decode outputs do not depend on the number of threads", "[cpu][thread
 
 TEMPLATE_TEST_CASE("vectorized page scores equal the portable ones bit for bit", "[cpu][quest]", float, half, bfloat16) {
     std::mt19937 rng(5);
+    int compared = 0;
     for (const int dim : {8, 16, 64, 128, 136}) {
         for (const int rows : {1, 2, 3, 4, 7, 8, 9, 17}) {
             for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::sum, kvsparse::GqaAggregation::per_query_head}) {
@@ -307,10 +325,12 @@ TEMPLATE_TEST_CASE("vectorized page scores equal the portable ones bit for bit",
                     std::vector<float> got(n, -1.0f);
                     kvsparse::detail::pages::page_scores(bounds, pages, q, rows, mode, got, isa);
                     CHECK(std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0);
+                    ++compared;
                 }
             }
         }
     }
+    require_vector_paths(compared);
 }
 
 TEST_CASE("steady-state decode attention allocates nothing, on any thread", "[cpu][threads]") {

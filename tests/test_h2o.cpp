@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "error_message.hpp"
 #include "reference.hpp"
 
 #include <kvsparse/kvsparse.hpp>
@@ -823,14 +824,7 @@ TEST_CASE("H2O: select lists the held slots in ascending position order", "[h2o]
 }
 
 TEST_CASE("H2O: configurations are checked and errors name the field", "[h2o]") {
-    const auto message = [](auto make) {
-        try {
-            make();
-        } catch (const kvsparse::invalid_argument& e) {
-            return std::string(e.what());
-        }
-        return std::string("no error");
-    };
+    const auto message = [](auto make) { return error_message_of<kvsparse::invalid_argument>(make); };
     CHECK_THAT(message([] { H2OHeavyHitter(-1, 4); }), Catch::Contains("heavy = -1"));
     CHECK_THAT(message([] { H2OHeavyHitter(4, 0); }), Catch::Contains("recent = 0") && Catch::Contains("current token"));
     CHECK_THAT(message([] { H2OHeavyHitter(2147483000, 2147483000); }), Catch::Contains("overflows"));

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "error_message.hpp"
 #include "reference.hpp"
 
 #include <kvsparse/kvsparse.hpp>
@@ -112,12 +113,7 @@ TEST_CASE("lserve: gate values load from DuoAttention TSV files", "[lserve][head
     const auto rows = kvsparse::parse_gate_values("0.1\t0.9\t1\r\n-0.5\t2e-1\t0.5\t\n\n");
     CHECK(rows == std::vector<std::vector<float>>{{0.1f, 0.9f, 1.0f}, {-0.5f, 0.2f, 0.5f}});
     const auto error_of = [](const char* text) {
-        try {
-            kvsparse::parse_gate_values(text, "gates.tsv");
-        } catch (const kvsparse::format_error& e) {
-            return std::string(e.what());
-        }
-        return std::string("no error");
+        return error_message_of<kvsparse::format_error>([&] { kvsparse::parse_gate_values(text, "gates.tsv"); });
     };
     CHECK_THAT(error_of(""), Catch::Contains("gates.tsv: no gate values"));
     CHECK_THAT(error_of("0.1\t0.2\n0.3\n"), Catch::Contains("gates.tsv:2: 1 values, but line 1 has 2"));

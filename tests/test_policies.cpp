@@ -241,16 +241,13 @@ TEMPLATE_TEST_CASE("policies through KVCache: S_t and attention match the refere
     const Shape shapes[] = {{2, 8, 4, 16} /* GQA */, {1, 4, 4, 8} /* MHA */, {1, 6, 2, 32} /* G = 3 */};
     const int pages[] = {1, 16, 64};
     std::uint64_t seed = 1000;
-    int scenarios = 0;
     // Sections hold the loops (not the reverse): Catch enters a given section once per run.
     SECTION("Dense") {
         for (const Shape shape : shapes)
             for (const int page : pages)
                 for (const int prefill : {0, 9, 40}) {
                     run_scenario<T>({shape, page, prefill, 45, {ref::PolicySpec::dense, 0, 0}, seed++}, kvsparse::Dense{});
-                    ++scenarios;
                 }
-        CHECK(scenarios == 27);
     }
     SECTION("SlidingWindow") {
         for (const Shape shape : shapes)
@@ -258,9 +255,7 @@ TEMPLATE_TEST_CASE("policies through KVCache: S_t and attention match the refere
                 for (const int prefill : {0, 11, 24, 45}) {  // shorter than, equal to, longer than the window
                     run_scenario<T>({shape, page, prefill, 58, {ref::PolicySpec::sliding_window, 0, 24}, seed++},
                                     kvsparse::SlidingWindow{24});
-                    ++scenarios;
                 }
-        CHECK(scenarios == 36);
     }
     SECTION("AttentionSink") {
         for (const Shape shape : shapes)
@@ -270,10 +265,8 @@ TEMPLATE_TEST_CASE("policies through KVCache: S_t and attention match the refere
                     for (const int prefill : {0, std::max(1, budget / 2), budget + 21}) {
                         run_scenario<T>({shape, page, prefill, 2 * budget + 17, {ref::PolicySpec::attention_sink, sinks, window}, seed++},
                                         AttentionSink{{sinks, window, PositionMode::absolute}});
-                        ++scenarios;
-                    }
+                        }
                 }
-        CHECK(scenarios == 81);
     }
 }
 
