@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: configure, build the CUDA tests and the GPU benchmark, run both, and
-# write everything to one results file. No arguments; run from the repository root:
+# On a machine with an NVIDIA GPU: configure, build the CUDA tests and the GPU benchmark, run both (the
+# tests also under compute-sanitizer's memcheck, where it is installed), and write everything to one
+# results file. Run from the repository root:
 #
-#     bench/gpu.sh
+#     bench/gpu.sh              # build in build-gpu, then run
+#     bench/gpu.sh --prebuilt   # run build-gpu/tests/test_cuda and build-gpu/bench/gpu_bench as they are
 #
-# Build directory: build-gpu. Results: build-gpu/gpu-results.txt, or the path in $KVSPARSE_GPU_RESULTS.
-# Exit status: non-zero if the configure, the build, a CUDA test or the benchmark failed.
+# --prebuilt is for a GPU machine without Catch2: build the two targets elsewhere (same configure line as
+# below) and copy them into build-gpu/tests and build-gpu/bench.
+# Results: build-gpu/gpu-results.txt, or the path in $KVSPARSE_GPU_RESULTS.
+# Exit status: non-zero if the configure, the build, a CUDA test, memcheck or the benchmark failed.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -31,28 +35,32 @@ fi
 
 status=0
 SECONDS=0
-# Only sm_90 code is needed for an H200, but the targets build sm_80 and sm_90 as in CI.
-if ! run cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DKVSPARSE_CUDA=ON \
-        -DKVSPARSE_BUILD_TESTS=ON -DKVSPARSE_BUILD_BENCHMARKS=ON -DKVSPARSE_BUILD_EXAMPLES=OFF; then
-    log "configure failed"
-    exit 1
+if [[ ${1-} == --prebuilt ]]; then
+    log "prebuilt binaries: $build/tests/test_cuda, $build/bench/gpu_bench"
+else
+    # Only sm_90 code is needed for an H200, but the targets build sm_80 and sm_90 as in CI.
+    if ! run cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DKVSPARSE_CUDA=ON \
+            -DKVSPARSE_BUILD_TESTS=ON -DKVSPARSE_BUILD_BENCHMARKS=ON -DKVSPARSE_BUILD_EXAMPLES=OFF; then
+        log "configure failed"
+        exit 1
+    fi
+    if ! grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=.*nvcc' "$build/CMakeCache.txt"; then
+        log "no CUDA compiler found by CMake (is nvcc on PATH or CUDACXX set?)"
+        exit 1
+    fi
+    if ! run cmake --build "$build" --target test_cuda gpu_bench -j "$jobs"; then
+        log "build failed"
+        exit 1
+    fi
+    log "configure + build: ${SECONDS} s"
 fi
-if ! grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=.*nvcc' "$build/CMakeCache.txt"; then
-    log "no CUDA compiler found by CMake (is nvcc on PATH or CUDACXX set?)"
-    exit 1
-fi
-if ! run cmake --build "$build" --target test_cuda gpu_bench -j "$jobs"; then
-    log "build failed"
-    exit 1
-fi
-log "configure + build: ${SECONDS} s"
 
 log ""
 log "== CUDA tests (CudaBackend against CpuBackend) =="
 SECONDS=0
-run ctest --test-dir "$build" -L cuda --output-on-failure --timeout 120 || status=1
+run "$build/tests/test_cuda" || status=1
 # A skip here means the tests found no device: that is a failure on a GPU machine.
-if grep -q '(Skipped)' "$results"; then
+if grep -q 'no CUDA device: skipped' "$results"; then
     log "CUDA tests were skipped: no usable CUDA device"
     status=1
 fi
@@ -63,6 +71,14 @@ log "== CUDA primitive timings =="
 SECONDS=0
 run "$build/bench/gpu_bench" || status=1
 log "benchmark: ${SECONDS} s"
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    log ""
+    log "== CUDA tests under compute-sanitizer memcheck =="
+    SECONDS=0
+    run timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 "$build/tests/test_cuda" || status=1
+    log "memcheck: ${SECONDS} s"
+fi
 
 log ""
 log "results: $results (status $status)"
