@@ -347,7 +347,9 @@ TEST_CASE("rope rotates like CpuBackend", "[cuda]") {
                 CudaBackend().rope(device_x.span(), heads, dim, std::span<const std::int32_t>(device_positions.span()),
                                    rope, stream.handle);
                 stream.sync();
-                CHECK(worst_relative(device_x.download(), x) <= 2e-6f);
+                // The device's double sin and cos may round a turn to a float one ulp away from the host's:
+                // an error of about one ulp of the inputs (up to 3), whatever the size of the result.
+                CHECK(worst_relative(device_x.download(), x, 1.0f) <= 1e-6f);
             }
         }
     }
@@ -421,16 +423,25 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half,
     struct Case {
         std::int32_t group, dim, n;
         bool rotate, probabilities;
+        RopeStyle style = RopeStyle::interleaved;
+        Layout layout = Layout::NHD;
     };
-    // n = 200: three full chunks and a partial one; dim 7: an odd element left unrotated.
+    // n = 200: three full chunks of 64 slots and a partial one; dim 7: an odd element left unrotated and
+    // no 16-byte loads; dim 136: a second, partial segment of 16-byte loads; group 5 and 9: a partial
+    // tile of query heads; n = 9000: 141 chunks for the merge, and the merge's second tile of 256 chunks
+    // at n = 20000.
     for (const Case c : {Case{4, 64, 200, false, false}, Case{4, 64, 200, true, true}, Case{1, 128, 1, false, true},
-                         Case{8, 32, 64, false, true}, Case{2, 7, 130, true, true}, Case{4, 64, 0, false, true}}) {
+                         Case{8, 32, 64, false, true}, Case{2, 7, 130, true, true}, Case{4, 64, 0, false, true},
+                         Case{5, 136, 1000, false, true, RopeStyle::interleaved, Layout::HND},
+                         Case{4, 128, 9000, true, false, RopeStyle::half_split}, Case{9, 128, 20000, false, true},
+                         Case{1, 16, 333, false, false, RopeStyle::interleaved, Layout::HND}}) {
         INFO("group " << c.group << ", dim " << c.dim << ", n " << c.n << ", rotate " << c.rotate << ", probabilities "
                       << c.probabilities << ", " << type_name<TestType>());
-        Pools<TestType> pools(20, 16, 1, c.dim, Layout::NHD, rng);
-        const std::vector<std::int32_t> table = page_table(16, 20, rng);
+        const std::int32_t pages = std::max(16, (c.n + 15) / 16);
+        Pools<TestType> pools(pages + 4, 16, 2, c.dim, c.layout, rng);  // attends head 1 of 2
+        const std::vector<std::int32_t> table = page_table(pages, pages + 4, rng);
         const DeviceBuffer<std::int32_t> device_table(table);
-        const std::vector<std::int32_t> slots = distinct_slots(c.n, 256, rng);
+        const std::vector<std::int32_t> slots = distinct_slots(c.n, pages * 16, rng);
         const std::vector<float> queries = random_floats(static_cast<std::size_t>(c.group * c.dim), rng, 2.0f);
         std::vector<std::int32_t> rotation;
         if (c.rotate) {
@@ -440,13 +451,13 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half,
         std::vector<float> probabilities;
         if (c.probabilities) probabilities = random_floats(static_cast<std::size_t>(c.n), rng);
         std::vector<float> out(queries.size(), 7.0f);
-        const Rope rope{RopeStyle::interleaved, 10000.0f};
+        const Rope rope{c.style, 10000.0f};
         const float scale = 1.0f / std::sqrt(static_cast<float>(c.dim));
 
         const DeviceBuffer<std::int32_t> device_slots(slots), device_rotation(rotation);
         const DeviceBuffer<float> device_queries(queries);
         DeviceBuffer<float> device_probabilities(probabilities), device_out(out);
-        const kvsparse::AttendArgs<TestType> device_args{pools.device_stream(device_table, 0),
+        const kvsparse::AttendArgs<TestType> device_args{pools.device_stream(device_table, 1),
                                                          std::span<const std::int32_t>(device_slots.span()),
                                                          std::span<const float>(device_queries.span()),
                                                          c.group,
@@ -459,7 +470,7 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half,
         CudaBackend().attend(device_args, workspace.span(), stream.handle);
 
         std::vector<std::byte> host_workspace(CpuBackend::workspace_bytes(c.group, c.n, c.dim));
-        const kvsparse::AttendArgs<TestType> host_args{pools.host_stream(table, 0), slots, queries, c.group, scale,
+        const kvsparse::AttendArgs<TestType> host_args{pools.host_stream(table, 1), slots, queries, c.group, scale,
                                                        rotation, rope, out, probabilities};
         CpuBackend().attend(host_args, host_workspace);
         stream.sync();
@@ -556,7 +567,8 @@ TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
     }
 }
 
-TEST_CASE("CudaBackend launch failures throw kvsparse::error with the CUDA error", "[cuda]") {
+// Tagged [launch-failure]: bench/gpu.sh leaves it out of the memcheck run, which reports the refused call.
+TEST_CASE("CudaBackend launch failures throw kvsparse::error with the CUDA error", "[cuda][launch-failure]") {
     SKIP_WITHOUT_DEVICE();
     // Shared memory for 256 query heads of dimension 256 exceeds every GPU's per-block limit.
     const std::int32_t group = 256, dim = 256, n = 4;

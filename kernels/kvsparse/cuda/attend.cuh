@@ -1,15 +1,21 @@
 #pragma once
 // Gathered decode attention: the query heads of one KV head over a list of slots, as CpuBackend::attend.
-// Split over the slots (flash-decoding): each block scores a chunk of slots and keeps its own softmax
-// max, sum and partial output; a merge kernel rescales and adds the chunks. When per-slot probabilities
-// are wanted, the raw scores stay in the workspace and a third kernel turns them into the group's summed
-// probabilities once the global max and sum are known.
+// Split over the slots (flash-decoding): each block takes a chunk of kAttendChunk slots and keeps its own
+// softmax max, sum and partial output; a merge kernel rescales and adds the chunks. When per-slot
+// probabilities are wanted, the raw scores stay in the workspace and a third kernel turns them into the
+// group's summed probabilities once the global max and sum are known.
+//
+// Decode reads each key and value row once, so the kernel is about keeping many row loads in flight:
+// half a warp reads one row in 16-byte pieces, and each half-warp issues all eight of its rows' loads
+// before it uses any (a chunk is eight rows for each of the block's eight half-warps).
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "kvsparse/cuda/common.cuh"
 #include "kvsparse/dtype.hpp"
@@ -18,9 +24,14 @@
 
 namespace kvsparse::cuda {
 
-inline constexpr int kAttendThreads = 128;                    // 4 warps
+inline constexpr int kAttendThreads = 128;                   // 4 warps, 8 half-warps
 inline constexpr int kAttendWarps = kAttendThreads / 32;
-inline constexpr std::int32_t kAttendChunk = 64;              // slots per block
+inline constexpr int kRowLanes = 16;                         // lanes that share one row
+inline constexpr int kRowGroups = kAttendThreads / kRowLanes;
+inline constexpr int kRowsPerGroup = 8;                      // rows whose loads one half-warp keeps in flight
+inline constexpr std::int32_t kAttendChunk = kRowGroups * kRowsPerGroup;  // slots per block: 64
+inline constexpr int kHeadTile = 4;                          // query heads a thread accumulates at once
+inline constexpr int kMergeThreads = 256;                    // 8 warps, one 32-element slice of head_dim
 
 /// Device pointers and sizes of one attention; the workspace parts follow attend_layout.
 template <storage_type T>
@@ -67,12 +78,16 @@ void attend_layout(AttendParams<T>& p, float* workspace) {
     p.total_sum = p.total_max + g;
 }
 
-/// Dynamic shared memory of the chunk kernel: key and value row pointers, slot queries, one widened key
-/// per warp, and the chunk's scores.
-constexpr std::size_t attend_shared_bytes(std::int32_t group, std::int32_t dim) {
+/// Elements per 16-byte load: 8 of a 16-bit type, 4 floats; 1 where rows are not aligned for that.
+template <storage_type T>
+inline constexpr int kVectorWidth = 16 / static_cast<int>(sizeof(T));
+
+/// Dynamic shared memory of the chunk kernel: the group's queries, the chunk's weights per head, and,
+/// when keys are turned first, the chunk's turned keys.
+constexpr std::size_t attend_shared_bytes(std::int32_t group, std::int32_t dim, bool rotate) {
     const auto g = static_cast<std::size_t>(group);
     const auto d = static_cast<std::size_t>(dim);
-    return 2 * kAttendChunk * sizeof(void*) + (g * d + kAttendWarps * d + g * kAttendChunk) * sizeof(float);
+    return (g * d + g * kAttendChunk + (rotate ? kAttendChunk * d : 0)) * sizeof(float);
 }
 
 __device__ inline float warp_sum(float x) {
@@ -83,135 +98,252 @@ __device__ inline float warp_max(float x) {
     for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
     return x;
 }
+/// Sum over the 16 lanes of a half-warp (each half-warp gets its own sum).
+__device__ inline float row_sum(float x) {
+    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
 
-/// One block per chunk of kAttendChunk slots. Scores: a warp per slot widens (and, with key_rotation,
-/// turns) the key once into shared memory, then dots it with every query head of the group. Softmax
-/// statistics: a warp per query head. Partial output: a thread per (head, dim) element.
-template <storage_type T>
+/// V elements from `p` as floats; V > 1 needs `p` aligned to 16 bytes. float16 widens in hardware
+/// (exact, like the library's to_float).
+template <int V, storage_type T>
+__device__ inline Floats<V> load_widened(const T* p) {
+    Floats<V> f;
+    if constexpr (V == 1) {
+        if constexpr (std::is_same_v<T, half>) {
+            f.x[0] = __half2float(__ushort_as_half(p->bits));
+        } else {
+            f.x[0] = to_float(*p);
+        }
+    } else if constexpr (std::is_same_v<T, float>) {
+        static_assert(V == 4);
+        f = load_floats<4>(p);
+    } else {
+        static_assert(V == 8);
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+        for (int i = 0; i < 4; ++i) {
+            if constexpr (std::is_same_v<T, half>) {
+                const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+                f.x[2 * i] = pair.x;
+                f.x[2 * i + 1] = pair.y;
+            } else {
+                f.x[2 * i] = __uint_as_float(words[i] << 16);
+                f.x[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+            }
+        }
+    }
+    return f;
+}
+
+/// One block per chunk of kAttendChunk slots. Half-warp r takes rows r, r + 8, ..., r + 56 of the chunk;
+/// its lane l covers elements [l * V, l * V + V) of each 16 * V-element segment of a row. Scores: the
+/// lanes' partial dot products meet by shuffles. Softmax statistics: a warp per query head. Partial
+/// output: each lane sums its rows' weighted values, then the half-warps meet by a shuffle and through
+/// shared memory in a fixed order. With key rotation the chunk's keys are first turned into shared
+/// memory (rope_rotate's math, bit for bit) and read from there.
+template <storage_type T, int V, bool Rotate>
 __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendParams<T> p) {
-    extern __shared__ __align__(16) unsigned char shared[];
-    const T** key_rows = reinterpret_cast<const T**>(shared);
-    const T** value_rows = key_rows + kAttendChunk;
-    float* q = reinterpret_cast<float*>(value_rows + kAttendChunk);  // [group][dim]
-    float* keys = q + p.group * p.dim;                                // [warps][dim]
-    float* weight = keys + kAttendWarps * p.dim;                      // [group][chunk]
+    extern __shared__ __align__(16) float shared[];
+    float* q = shared;                              // [group][dim]
+    float* weight = q + p.group * p.dim;            // [group][chunk]
+    float* turned = weight + p.group * kAttendChunk;  // [chunk][dim], when Rotate
+    __shared__ float partial[kAttendWarps][kHeadTile][kRowLanes * V];
 
     const std::int32_t chunk = static_cast<std::int32_t>(blockIdx.x);
     const std::int32_t first = chunk * kAttendChunk;
     const std::int32_t count = min(kAttendChunk, p.n - first);
     const int tid = static_cast<int>(threadIdx.x);
+    const int lane = tid % kRowLanes;
+    const int row_group = tid / kRowLanes;
     const int warp = tid / 32;
-    const int lane = tid % 32;
 
     for (int i = tid; i < p.group * p.dim; i += kAttendThreads) q[i] = p.queries[i];
-    for (int j = tid; j < count; j += kAttendThreads) {
-        const std::int32_t slot = p.slots[first + j];
-        key_rows[j] = p.stream.key(slot);
-        value_rows[j] = p.stream.value(slot);
+
+    // This lane's rows: slot lookups first, so that the loads below do not wait on each other.
+    const T* key_rows[kRowsPerGroup];
+    const T* value_rows[kRowsPerGroup];
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+        const int row = u * kRowGroups + row_group;
+        const std::int32_t slot = p.slots[first + min(row, count - 1)];  // past the end: a valid row, unused
+        key_rows[u] = p.stream.key(slot);
+        value_rows[u] = p.stream.value(slot);
+    }
+    if constexpr (Rotate) {
+        const std::int32_t pairs = p.dim / 2;
+        for (int i = tid; i < count * pairs; i += kAttendThreads) {
+            const int row = i / pairs;
+            const std::int32_t pair = i - row * pairs;
+            const T* k = p.stream.key(p.slots[first + row]);
+            const std::int32_t a = rope_first(p.rope.style, pair);
+            const std::int32_t b = rope_second(p.rope.style, pair, p.dim);
+            float xa = to_float(k[a]);
+            float xb = to_float(k[b]);
+            rope_apply(xa, xb, rope_turn(pair, p.dim, p.key_rotation[first + row], p.rope.theta));
+            turned[row * p.dim + a] = xa;
+            turned[row * p.dim + b] = xb;
+        }
+        if (p.dim % 2 != 0) {  // an odd last element stays as it is
+            for (int row = tid; row < count; row += kAttendThreads) {
+                turned[row * p.dim + p.dim - 1] = to_float(p.stream.key(p.slots[first + row])[p.dim - 1]);
+            }
+        }
     }
     __syncthreads();
 
-    float* key = keys + warp * p.dim;
-    for (int j = warp; j < count; j += kAttendWarps) {
-        const T* k = key_rows[j];
-        if (p.key_rotation != nullptr) {
-            // rope_rotate's math, one pair per lane; an odd last element stays as it is.
-            const double turn_by = p.key_rotation[first + j];
-            const std::int32_t pairs = p.dim / 2;
-            for (std::int32_t pair = lane; pair < pairs; pair += 32) {
-                const std::int32_t a = rope_first(p.rope.style, pair);
-                const std::int32_t b = rope_second(p.rope.style, pair, p.dim);
-                float xa = to_float(k[a]);
-                float xb = to_float(k[b]);
-                rope_apply(xa, xb, rope_turn(pair, p.dim, turn_by, p.rope.theta));
-                key[a] = xa;
-                key[b] = xb;
+    const std::int32_t segment = kRowLanes * V;
+    for (std::int32_t g0 = 0; g0 < p.group; g0 += kHeadTile) {
+        float dot[kRowsPerGroup][kHeadTile] = {};
+        for (std::int32_t base = 0; base < p.dim; base += segment) {
+            const std::int32_t d = base + lane * V;
+            if (d >= p.dim) continue;
+            Floats<V> k[kRowsPerGroup];
+            for (int u = 0; u < kRowsPerGroup; ++u) {
+                if constexpr (Rotate) {
+                    for (int v = 0; v < V; ++v) k[u].x[v] = turned[min(u * kRowGroups + row_group, count - 1) * p.dim + d + v];
+                } else {
+                    k[u] = load_widened<V>(key_rows[u] + d);
+                }
             }
-            if (p.dim % 2 != 0 && lane == 0) key[p.dim - 1] = to_float(k[p.dim - 1]);
-        } else {
-            for (std::int32_t d = lane; d < p.dim; d += 32) key[d] = to_float(k[d]);
-        }
-        __syncwarp();
-        for (std::int32_t g = 0; g < p.group; ++g) {
-            const float* qg = q + g * p.dim;
-            float dot = 0.0f;
-            for (std::int32_t d = lane; d < p.dim; d += 32) dot += qg[d] * key[d];
-            dot = warp_sum(dot) * p.scale;
-            if (lane == 0) {
-                weight[g * kAttendChunk + j] = dot;
-                if (p.probabilities != nullptr) p.scores[static_cast<std::int64_t>(g) * p.n + first + j] = dot;
+            for (int h = 0; h < kHeadTile; ++h) {
+                if (g0 + h >= p.group) break;
+                const float* qh = q + (g0 + h) * p.dim + d;
+                for (int u = 0; u < kRowsPerGroup; ++u) {
+                    for (int v = 0; v < V; ++v) dot[u][h] = fmaf(qh[v], k[u].x[v], dot[u][h]);
+                }
             }
         }
-        __syncwarp();  // the next slot overwrites this warp's key
+        for (int u = 0; u < kRowsPerGroup; ++u) {
+            const int row = u * kRowGroups + row_group;
+            for (int h = 0; h < kHeadTile; ++h) {
+                const float s = row_sum(dot[u][h]) * p.scale;
+                if (lane == 0 && row < count && g0 + h < p.group) {
+                    weight[(g0 + h) * kAttendChunk + row] = s;
+                    if (p.probabilities != nullptr) p.scores[static_cast<std::int64_t>(g0 + h) * p.n + first + row] = s;
+                }
+            }
+        }
     }
     __syncthreads();
 
     for (std::int32_t g = warp; g < p.group; g += kAttendWarps) {
         float* w = weight + g * kAttendChunk;
         float top = -INFINITY;
-        for (int j = lane; j < count; j += 32) top = fmaxf(top, w[j]);
+        for (int j = static_cast<int>(tid % 32); j < count; j += 32) top = fmaxf(top, w[j]);
         top = warp_max(top);
         float sum = 0.0f;
-        for (int j = lane; j < count; j += 32) {
+        for (int j = static_cast<int>(tid % 32); j < count; j += 32) {
             w[j] = expf(w[j] - top);
             sum += w[j];
         }
         sum = warp_sum(sum);
-        if (lane == 0) {
+        if (tid % 32 == 0) {
             p.part_max[chunk * p.group + g] = top;
             p.part_sum[chunk * p.group + g] = sum;
         }
     }
     __syncthreads();
 
-    for (int i = tid; i < p.group * p.dim; i += kAttendThreads) {
-        const std::int32_t g = i / p.dim;
-        const std::int32_t d = i - g * p.dim;
-        const float* w = weight + g * kAttendChunk;
-        float acc = 0.0f;
-        for (int j = 0; j < count; ++j) acc += w[j] * to_float(value_rows[j][d]);
-        p.part_out[(static_cast<std::int64_t>(chunk) * p.group + g) * p.dim + d] = acc;
+    for (std::int32_t g0 = 0; g0 < p.group; g0 += kHeadTile) {
+        for (std::int32_t base = 0; base < p.dim; base += segment) {
+            const std::int32_t d = base + lane * V;
+            float acc[kHeadTile][V] = {};
+            if (d < p.dim) {
+                Floats<V> value[kRowsPerGroup];
+                for (int u = 0; u < kRowsPerGroup; ++u) value[u] = load_widened<V>(value_rows[u] + d);
+                for (int u = 0; u < kRowsPerGroup; ++u) {
+                    const int row = u * kRowGroups + row_group;
+                    if (row >= count) break;  // rows ascend with u
+                    for (int h = 0; h < kHeadTile; ++h) {
+                        if (g0 + h >= p.group) break;
+                        const float w = weight[(g0 + h) * kAttendChunk + row];
+                        for (int v = 0; v < V; ++v) acc[h][v] = fmaf(w, value[u].x[v], acc[h][v]);
+                    }
+                }
+            }
+            // The warp's two half-warps, then the four warps in order.
+            for (int h = 0; h < kHeadTile; ++h) {
+                for (int v = 0; v < V; ++v) acc[h][v] += __shfl_xor_sync(0xffffffffu, acc[h][v], kRowLanes);
+            }
+            if (tid % 32 < kRowLanes) {
+                for (int h = 0; h < kHeadTile; ++h) {
+                    for (int v = 0; v < V; ++v) partial[warp][h][lane * V + v] = acc[h][v];
+                }
+            }
+            __syncthreads();
+            for (int i = tid; i < kHeadTile * segment; i += kAttendThreads) {
+                const int h = i / segment;
+                const std::int32_t e = base + i % segment;
+                if (g0 + h >= p.group || e >= p.dim) continue;
+                float total = partial[0][h][i % segment];
+                for (int w = 1; w < kAttendWarps; ++w) total += partial[w][h][i % segment];
+                p.part_out[(static_cast<std::int64_t>(chunk) * p.group + g0 + h) * p.dim + e] = total;
+            }
+            __syncthreads();  // partial is reused by the next segment
+        }
     }
 }
 
-/// Block reduction helpers for the merge (kAttendThreads threads).
+/// Block reduction over kMergeThreads threads, in a fixed order.
 __device__ inline float block_reduce(float x, bool take_max, float* scratch) {
+    constexpr int warps = kMergeThreads / 32;
     const int lane = static_cast<int>(threadIdx.x) % 32;
     const int warp = static_cast<int>(threadIdx.x) / 32;
     x = take_max ? warp_max(x) : warp_sum(x);
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
     float r = scratch[0];
-    for (int w = 1; w < kAttendWarps; ++w) r = take_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+    for (int w = 1; w < warps; ++w) r = take_max ? fmaxf(r, scratch[w]) : r + scratch[w];
     __syncthreads();  // scratch is reused by the next reduction
     return r;
 }
 
-/// One block per query head: global max and sum over the chunks, then out = sum of rescaled partial
-/// outputs times 1/sum (CpuBackend also multiplies by the inverse).
+/// Grid (group, ceil(dim / 32)): block (g, s) merges elements [32 s, 32 s + 32) of head g's output. The
+/// global max and sum over the chunks, then each warp adds every eighth chunk's rescaled partial output,
+/// and the warps meet in a fixed order; out = that times 1/sum (CpuBackend also multiplies by the inverse).
 template <storage_type T>
-__global__ void __launch_bounds__(kAttendThreads) attend_merge_kernel(AttendParams<T> p) {
-    __shared__ float scratch[kAttendWarps];
+__global__ void __launch_bounds__(kMergeThreads) attend_merge_kernel(AttendParams<T> p) {
+    constexpr int warps = kMergeThreads / 32;
+    constexpr int tile = kMergeThreads;
+    __shared__ float scratch[warps];
+    __shared__ float rescale[tile];
+    __shared__ float sums[warps][32];
     const std::int32_t g = static_cast<std::int32_t>(blockIdx.x);
     const int tid = static_cast<int>(threadIdx.x);
+    const int lane = tid % 32;
+    const int warp = tid / 32;
+    const std::int32_t d = static_cast<std::int32_t>(blockIdx.y) * 32 + lane;
+
     float top = -INFINITY;
-    for (std::int32_t c = tid; c < p.chunks; c += kAttendThreads) top = fmaxf(top, p.part_max[c * p.group + g]);
+    for (std::int32_t c = tid; c < p.chunks; c += kMergeThreads) top = fmaxf(top, p.part_max[c * p.group + g]);
     top = block_reduce(top, true, scratch);
     float sum = 0.0f;
-    for (std::int32_t c = tid; c < p.chunks; c += kAttendThreads) {
+    for (std::int32_t c = tid; c < p.chunks; c += kMergeThreads) {
         sum += p.part_sum[c * p.group + g] * expf(p.part_max[c * p.group + g] - top);
     }
     sum = block_reduce(sum, false, scratch);
-    const float inverse = 1.0f / sum;
-    for (std::int32_t d = tid; d < p.dim; d += kAttendThreads) {
-        float acc = 0.0f;
-        for (std::int32_t c = 0; c < p.chunks; ++c) {
-            acc += p.part_out[(static_cast<std::int64_t>(c) * p.group + g) * p.dim + d] *
-                   expf(p.part_max[c * p.group + g] - top);
+
+    float acc = 0.0f;
+    for (std::int32_t c0 = 0; c0 < p.chunks; c0 += tile) {
+        if (c0 + tid < p.chunks) rescale[tid] = expf(p.part_max[(c0 + tid) * p.group + g] - top);
+        __syncthreads();
+        const std::int32_t end = min(tile, p.chunks - c0);
+        if (d < p.dim) {
+#pragma unroll 4
+            for (std::int32_t c = warp; c < end; c += warps) {
+                acc = fmaf(p.part_out[(static_cast<std::int64_t>(c0 + c) * p.group + g) * p.dim + d], rescale[c], acc);
+            }
         }
-        p.out[g * p.dim + d] = acc * inverse;
+        __syncthreads();  // rescale is refilled by the next tile
     }
-    if (tid == 0) {
+    sums[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && d < p.dim) {
+        float total = sums[0][lane];
+        for (int w = 1; w < warps; ++w) total += sums[w][lane];
+        p.out[g * p.dim + d] = total * (1.0f / sum);
+    }
+    if (tid == 0 && blockIdx.y == 0) {
         p.total_max[g] = top;
         p.total_sum[g] = sum;
     }
@@ -229,19 +361,33 @@ __global__ void attend_probabilities_kernel(AttendParams<T> p) {
     }
 }
 
-/// Enqueues the attention; `p` has its workspace parts laid out (attend_layout) and n > 0.
-template <storage_type T>
-void launch_attend(const AttendParams<T>& p, cudaStream_t stream) {
-    const std::size_t shared = attend_shared_bytes(p.group, p.dim);
+template <storage_type T, int V, bool Rotate>
+void launch_attend_chunks(const AttendParams<T>& p, cudaStream_t stream) {
+    const std::size_t shared = attend_shared_bytes(p.group, p.dim, Rotate);
     if (shared > 48 * 1024) {
         // Beyond the default limit the kernel has to opt in (up to the device's maximum).
-        check(cudaFuncSetAttribute(attend_chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        check(cudaFuncSetAttribute(attend_chunk_kernel<T, V, Rotate>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(shared)),
               "attend_chunk_kernel shared memory");
     }
-    attend_chunk_kernel<T><<<static_cast<unsigned>(p.chunks), kAttendThreads, shared, stream>>>(p);
+    attend_chunk_kernel<T, V, Rotate><<<static_cast<unsigned>(p.chunks), kAttendThreads, shared, stream>>>(p);
     check_launch("attend_chunk_kernel");
-    attend_merge_kernel<T><<<static_cast<unsigned>(p.group), kAttendThreads, 0, stream>>>(p);
+}
+
+/// Enqueues the attention; `p` has its workspace parts laid out (attend_layout) and n > 0.
+template <storage_type T>
+void launch_attend(const AttendParams<T>& p, cudaStream_t stream) {
+    constexpr int wide = kVectorWidth<T>;
+    const bool vectors = pool_aligned_for(p.stream.keys, wide) && pool_aligned_for(p.stream.values, wide);
+    if (p.key_rotation != nullptr) {
+        if (vectors) launch_attend_chunks<T, wide, true>(p, stream);
+        else launch_attend_chunks<T, 1, true>(p, stream);
+    } else {
+        if (vectors) launch_attend_chunks<T, wide, false>(p, stream);
+        else launch_attend_chunks<T, 1, false>(p, stream);
+    }
+    const dim3 merge_grid(static_cast<unsigned>(p.group), static_cast<unsigned>((p.dim + 31) / 32));
+    attend_merge_kernel<T><<<merge_grid, kMergeThreads, 0, stream>>>(p);
     check_launch("attend_merge_kernel");
     if (p.probabilities != nullptr) {
         attend_probabilities_kernel<T><<<blocks_for(p.n), kThreads, 0, stream>>>(p);
