@@ -31,7 +31,7 @@ inline constexpr int kRowGroups = kAttendThreads / kRowLanes;
 inline constexpr int kRowsPerGroup = 8;                      // rows whose loads one half-warp keeps in flight
 inline constexpr std::int32_t kAttendChunk = kRowGroups * kRowsPerGroup;  // slots per block: 64
 inline constexpr int kHeadTile = 4;                          // query heads a thread accumulates at once
-inline constexpr int kMergeThreads = 256;                    // 8 warps, one 32-element slice of head_dim
+inline constexpr int kMergeThreads = 1024;                   // 32 warps over the chunks, one 32-element slice
 
 /// Device pointers and sizes of one attention; the workspace parts follow attend_layout.
 template <storage_type T>
@@ -169,6 +169,10 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
         key_rows[u] = p.stream.key(slot);
         value_rows[u] = p.stream.value(slot);
     }
+    // The values are read only after the scores: ask for them now, so that they wait in L2.
+    for (std::int32_t d = lane * V; d < p.dim; d += kRowLanes * V) {
+        for (int u = 0; u < kRowsPerGroup; ++u) asm volatile("prefetch.global.L2 [%0];" ::"l"(value_rows[u] + d));
+    }
     if constexpr (Rotate) {
         const std::int32_t pairs = p.dim / 2;
         for (int i = tid; i < count * pairs; i += kAttendThreads) {
@@ -299,14 +303,12 @@ __device__ inline float block_reduce(float x, bool take_max, float* scratch) {
 }
 
 /// Grid (group, ceil(dim / 32)): block (g, s) merges elements [32 s, 32 s + 32) of head g's output. The
-/// global max and sum over the chunks, then each warp adds every eighth chunk's rescaled partial output,
+/// global max and sum over the chunks, then each warp adds every 32nd chunk's rescaled partial output,
 /// and the warps meet in a fixed order; out = that times 1/sum (CpuBackend also multiplies by the inverse).
 template <storage_type T>
 __global__ void __launch_bounds__(kMergeThreads) attend_merge_kernel(AttendParams<T> p) {
     constexpr int warps = kMergeThreads / 32;
-    constexpr int tile = kMergeThreads;
     __shared__ float scratch[warps];
-    __shared__ float rescale[tile];
     __shared__ float sums[warps][32];
     const std::int32_t g = static_cast<std::int32_t>(blockIdx.x);
     const int tid = static_cast<int>(threadIdx.x);
@@ -324,17 +326,12 @@ __global__ void __launch_bounds__(kMergeThreads) attend_merge_kernel(AttendParam
     sum = block_reduce(sum, false, scratch);
 
     float acc = 0.0f;
-    for (std::int32_t c0 = 0; c0 < p.chunks; c0 += tile) {
-        if (c0 + tid < p.chunks) rescale[tid] = expf(p.part_max[(c0 + tid) * p.group + g] - top);
-        __syncthreads();
-        const std::int32_t end = min(tile, p.chunks - c0);
-        if (d < p.dim) {
-#pragma unroll 4
-            for (std::int32_t c = warp; c < end; c += warps) {
-                acc = fmaf(p.part_out[(static_cast<std::int64_t>(c0 + c) * p.group + g) * p.dim + d], rescale[c], acc);
-            }
+    if (d < p.dim) {
+#pragma unroll 8
+        for (std::int32_t c = warp; c < p.chunks; c += warps) {
+            const float rescale = expf(p.part_max[c * p.group + g] - top);
+            acc = fmaf(p.part_out[(static_cast<std::int64_t>(c) * p.group + g) * p.dim + d], rescale, acc);
         }
-        __syncthreads();  // rescale is refilled by the next tile
     }
     sums[warp][lane] = acc;
     __syncthreads();
