@@ -542,7 +542,13 @@ TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
     std::mt19937 rng(9);
     const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
     for (int round = 0; round < 120; ++round) {
-        const int n = 1 + static_cast<int>(rng() % 3000);
+        // Mostly within one block's top-k (kBlockTopPages scores); every tenth round, and the block's
+        // edge, through the device-wide sort.
+        const int edge = kvsparse::cuda::kBlockTopPages;
+        const int n = round == 0   ? edge
+                      : round == 1 ? edge + 1
+                      : round % 10 == 9 ? edge + 1 + static_cast<int>(rng() % 20000)
+                                        : 1 + static_cast<int>(rng() % 3000);
         const int k = static_cast<int>(rng() % static_cast<unsigned>(n + 3)) - 1;  // -1 .. n + 1
         const int distinct = 1 + static_cast<int>(rng() % 8);                     // few values: many ties
         std::vector<float> scores(static_cast<std::size_t>(n));

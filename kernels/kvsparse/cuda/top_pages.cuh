@@ -3,9 +3,13 @@
 // scores, equal scores to the lower index, NaN as -inf, ascending. Scores become order-preserving keys
 // (page_score_key, shared with the CPU); CUB's radix sort, which is stable, orders (key, index) pairs by
 // descending key, so equal keys keep their ascending indices; the first k indices are then sorted.
+// Up to kBlockTopPages scores (Quest's 2048 pages at 32K tokens) one block does it all in one launch:
+// CUB's block radix sort (stable as well), then the chosen indices in order by a block scan.
 
 #include <cuda_runtime.h>
 
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include <cstddef>
@@ -29,6 +33,46 @@ __global__ void page_keys_kernel(const float* scores, Index n, std::uint32_t* ke
 template <class Index>
 __global__ void iota_kernel(Index* out, Index n) {
     for (std::int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = static_cast<Index>(i);
+}
+
+inline constexpr int kBlockTopPagesThreads = 512;
+inline constexpr int kBlockTopPagesItems = 8;  // per thread, consecutive indices
+inline constexpr std::int32_t kBlockTopPages = kBlockTopPagesThreads * kBlockTopPagesItems;
+
+/// order[0, k) for n <= kBlockTopPages in one block. Missing items get key 0, below every score's key
+/// (-inf's is 0x007fffff), and indices past n, so they sort last.
+template <class Index>
+__global__ void __launch_bounds__(kBlockTopPagesThreads) block_top_pages_kernel(const float* scores, Index n, Index k,
+                                                                               Index* order) {
+    using Sort = cub::BlockRadixSort<std::uint32_t, kBlockTopPagesThreads, kBlockTopPagesItems, Index>;
+    using Scan = cub::BlockScan<Index, kBlockTopPagesThreads>;
+    __shared__ union {
+        typename Sort::TempStorage sort;
+        typename Scan::TempStorage scan;
+    } temp;
+    __shared__ unsigned char chosen[kBlockTopPages];
+
+    const Index first = static_cast<Index>(threadIdx.x) * kBlockTopPagesItems;
+    std::uint32_t keys[kBlockTopPagesItems];
+    Index index[kBlockTopPagesItems];
+    for (int j = 0; j < kBlockTopPagesItems; ++j) {
+        index[j] = first + j;
+        keys[j] = index[j] < n ? page_score_key(scores[index[j]]) : 0u;
+        chosen[first + j] = 0;
+    }
+    __syncthreads();  // chosen is cleared before any thread marks it
+    Sort(temp.sort).SortDescending(keys, index);  // blocked: thread t holds ranks [t * items, t * items + items)
+    for (int j = 0; j < kBlockTopPagesItems; ++j) {
+        if (first + j < k) chosen[index[j]] = 1;
+    }
+    __syncthreads();
+    Index count = 0;
+    for (int j = 0; j < kBlockTopPagesItems; ++j) count += chosen[first + j];
+    Index position = 0;
+    Scan(temp.scan).ExclusiveSum(count, position);
+    for (int j = 0; j < kBlockTopPagesItems; ++j) {
+        if (chosen[first + j] != 0) order[position++] = first + j;
+    }
 }
 
 /// The workspace of one top_pages call over n scores: four arrays of n and CUB's scratch, each 256-byte
@@ -62,6 +106,11 @@ struct TopPagesLayout {
 /// order[0, k) = the k best of scores[0, n) (0 < k < n), ascending; `workspace` laid out by `layout`.
 inline void launch_top_pages(const float* scores, std::int32_t n, std::int32_t k, std::int32_t* order,
                              std::byte* workspace, const TopPagesLayout& layout, cudaStream_t stream) {
+    if (n <= kBlockTopPages) {
+        block_top_pages_kernel<<<1, kBlockTopPagesThreads, 0, stream>>>(scores, n, k, order);
+        check_launch("block_top_pages_kernel");
+        return;
+    }
     const std::size_t array = layout.array_bytes();
     auto* keys_in = reinterpret_cast<std::uint32_t*>(workspace);
     auto* keys_out = reinterpret_cast<std::uint32_t*>(workspace + array);
