@@ -282,6 +282,40 @@ void bench_attend(cudaStream_t stream) {
     }
 }
 
+/// The eight KV heads of a layer in one batched attend (what an engine launches per layer and step), over
+/// every slot and over a Quest-shaped selection of 128 pages per head.
+template <class T>
+void bench_attend_batch(cudaStream_t stream) {
+    const std::int32_t heads = 8, group = 4, dim = 128, selected = 2048;
+    for (const std::int32_t n : {32768, 131072}) {
+        Streams<T> s(heads, n, dim);
+        std::vector<std::int32_t> dense, quest;
+        for (std::int32_t h = 0; h < heads; ++h) {
+            for (std::int32_t i = 0; i < n; ++i) dense.push_back(i);
+            std::vector<std::int32_t> pages = shuffled(n / Streams<T>::page_size, 20 + static_cast<std::uint32_t>(h));
+            pages.resize(selected / Streams<T>::page_size);
+            std::sort(pages.begin(), pages.end());
+            for (const std::int32_t p : pages)
+                for (std::int32_t i = 0; i < Streams<T>::page_size; ++i) quest.push_back(p * Streams<T>::page_size + i);
+        }
+        const Device<std::int32_t> dense_slots(dense), quest_slots(quest);
+        Device<float> queries(static_cast<std::size_t>(heads) * group * dim), result(queries.size);
+        fill(queries, 13);
+        Device<std::byte> workspace(heads * CudaBackend::workspace_bytes(group, n, dim));
+        const CudaBackend backend;
+        for (const bool sparse : {false, true}) {
+            const std::int32_t count = sparse ? selected : n;
+            const kvsparse::BatchAttendArgs<T> args{s.batch(), count, (sparse ? quest_slots : dense_slots).cspan(),
+                                                    queries.cspan(), group, 0.08838834764f, {}, kvsparse::Rope{},
+                                                    result.span(), {}};
+            const double ms = time_ms(stream, [&] { backend.attend(args, workspace.span(), stream); });
+            report(std::string("attend 8 heads ") + type_name<T>() + (sparse ? " Quest-shaped" : ""),
+                   (sparse ? "128 pages of " : "all ") + std::to_string(n) + " slots per head", ms,
+                   2.0 * heads * count * dim * sizeof(T));
+        }
+    }
+}
+
 /// Quest's page scores of one KV head's 4 query heads at 32K and 256K tokens (pages of 16, float16
 /// bounds): bytes are the bounds read.
 void bench_page_scores(cudaStream_t stream) {
@@ -354,6 +388,7 @@ int main(int argc, char** argv) {
         bench_shift<float>(stream);
         bench_attend<kvsparse::half>(stream);
         bench_attend<float>(stream);
+        bench_attend_batch<kvsparse::half>(stream);
         bench_page_scores(stream);
         check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
         check(cudaStreamDestroy(stream), "cudaStreamDestroy");

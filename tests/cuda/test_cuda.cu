@@ -485,6 +485,85 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half,
     }
 }
 
+TEMPLATE_TEST_CASE("batched attend equals one attend per KV head", "[cuda]", float, kvsparse::half, bfloat16) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937 rng(19);
+    Stream stream;
+    const std::int32_t heads = 3, group = 4, dim = 64, n = 300, pages = 24;
+    for (const bool rotate : {false, true}) {
+        INFO("rotate " << rotate << ", " << type_name<TestType>());
+        // kvsparse's own layout: every head in one pool, a table per head, slots chosen per head.
+        Pools<TestType> pools(pages * heads, 16, heads, dim, Layout::NHD, rng);
+        std::vector<std::vector<std::int32_t>> tables;
+        std::vector<DeviceBuffer<std::int32_t>> device_tables;
+        device_tables.reserve(heads);
+        std::vector<PageTableView> views;
+        std::vector<std::int32_t> slots, rotation;
+        std::uniform_int_distribution<std::int32_t> turn(-300, 300);
+        for (int h = 0; h < heads; ++h) {
+            tables.push_back(page_table(pages, pages * heads, rng));
+            device_tables.emplace_back(tables.back());
+            views.push_back({device_tables.back().data(), pages});
+            const std::vector<std::int32_t> mine = distinct_slots(n, pages * 16, rng);
+            slots.insert(slots.end(), mine.begin(), mine.end());
+            for (std::int32_t i = 0; rotate && i < n; ++i) rotation.push_back(turn(rng));
+        }
+        const DeviceBuffer<PageTableView> device_views(views);
+        const std::vector<float> queries = random_floats(static_cast<std::size_t>(heads * group * dim), rng, 2.0f);
+        std::vector<float> probabilities = random_floats(static_cast<std::size_t>(heads * n), rng);
+        std::vector<float> out(queries.size(), 7.0f);
+        const Rope rope{RopeStyle::half_split, 10000.0f};
+        const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+
+        const DeviceBuffer<std::int32_t> device_slots(slots), device_rotation(rotation);
+        const DeviceBuffer<float> device_queries(queries);
+        DeviceBuffer<float> device_probabilities(probabilities), device_out(out);
+        const kvsparse::BatchAttendArgs<TestType> batch{{pools.device_pool(pools.device_keys),
+                                                         pools.device_pool(pools.device_values), device_views.data(), 1, 0,
+                                                         1, heads},
+                                                        n,
+                                                        std::span<const std::int32_t>(device_slots.span()),
+                                                        std::span<const float>(device_queries.span()),
+                                                        group,
+                                                        scale,
+                                                        std::span<const std::int32_t>(device_rotation.span()),
+                                                        rope,
+                                                        device_out.span(),
+                                                        device_probabilities.span()};
+        DeviceBuffer<std::byte> workspace(heads * CudaBackend::workspace_bytes(group, n, dim));
+        CudaBackend().attend(batch, workspace.span(), stream.handle);
+
+        std::vector<std::byte> host_workspace(CpuBackend::workspace_bytes(group, n, dim));
+        for (int h = 0; h < heads; ++h) {
+            const auto rows = static_cast<std::size_t>(h * n);
+            const auto outputs = static_cast<std::size_t>(h * group * dim);
+            const std::span<const std::int32_t> head_rotation =
+                rotate ? std::span<const std::int32_t>(rotation).subspan(rows, static_cast<std::size_t>(n))
+                       : std::span<const std::int32_t>{};
+            const kvsparse::AttendArgs<TestType> host_args{
+                pools.host_stream(tables[static_cast<std::size_t>(h)], h),
+                std::span<const std::int32_t>(slots).subspan(rows, static_cast<std::size_t>(n)),
+                std::span<const float>(queries).subspan(outputs, static_cast<std::size_t>(group * dim)),
+                group,
+                scale,
+                head_rotation,
+                rope,
+                std::span<float>(out).subspan(outputs, static_cast<std::size_t>(group * dim)),
+                std::span<float>(probabilities).subspan(rows, static_cast<std::size_t>(n))};
+            CpuBackend().attend(host_args, host_workspace);
+        }
+        stream.sync();
+
+        const std::vector<float> gpu_out = device_out.download();
+        for (std::size_t i = 0; i < out.size(); ++i) CHECK(std::fabs(gpu_out[i] - out[i]) <= 1e-5f + 1e-4f * std::fabs(out[i]));
+        const std::vector<float> gpu_probabilities = device_probabilities.download();
+        for (std::size_t i = 0; i < probabilities.size(); ++i) {
+            CHECK(std::fabs(gpu_probabilities[i] - probabilities[i]) <= 1e-6f + 1e-4f * std::fabs(probabilities[i]));
+        }
+        pools.require_equal();  // attention reads only
+    }
+}
+
 TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(5);

@@ -33,6 +33,23 @@
 
 namespace kvsparse {
 
+/// AttendArgs for every KV head of a HeadBatchView at once (one set of launches): head h attends its
+/// `n` slots `slots[h * n, h * n + n)` with queries `[h][group][head_dim]` into out `[h][group][head_dim]`;
+/// key_rotation and probabilities, when given, are `[heads][n]`.
+template <storage_type T>
+struct BatchAttendArgs {
+    HeadBatchView<T> heads;
+    std::int32_t n = 0;
+    std::span<const std::int32_t> slots;  ///< [heads][n]
+    std::span<const float> queries;       ///< [heads][group][head_dim], already rotated
+    std::int32_t group = 1;
+    float scale = 1.0f;
+    std::span<const std::int32_t> key_rotation;  ///< [heads][n], or empty
+    Rope rope{};
+    std::span<float> out;             ///< [heads][group][head_dim]
+    std::span<float> probabilities;   ///< [heads][n], += sum over the group; or empty
+};
+
 class CudaBackend {
 public:
     using stream_type = cudaStream_t;
@@ -42,7 +59,8 @@ public:
     /// sized once by the caller with copy_workspace_bytes for the largest copy.
     explicit CudaBackend(std::span<std::byte> copy_scratch) : copy_scratch_(copy_scratch) {}
 
-    /// Workspace `attend` needs for `group` query heads over `slots` keys of dimension `head_dim`.
+    /// Workspace `attend` needs for `group` query heads over `slots` keys of dimension `head_dim`; a
+    /// batched attend needs that once per KV head.
     static std::size_t workspace_bytes(std::int32_t group, std::int32_t slots, std::int32_t head_dim) {
         return sizeof(float) * cuda::attend_workspace_floats(group, slots, head_dim);
     }
@@ -159,39 +177,19 @@ public:
     /// workspace_bytes(group, slots, head_dim) bytes of 4-byte aligned device memory.
     template <storage_type T>
     void attend(const AttendArgs<T>& a, std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
-        const std::int32_t dim = same_dims(a.stream.keys, a.stream.values);
         const auto n = count_of(a.slots.size(), "slots.size()");
-        detail::require(a.group >= 1, "group", a.group, "must be at least 1");
-        const std::size_t q_size = static_cast<std::size_t>(a.group) * static_cast<std::size_t>(dim);
-        detail::require(a.queries.size() == q_size, "queries.size()", a.queries.size(), "must be group * head_dim");
-        detail::require(a.out.size() == q_size, "out.size()", a.out.size(), "must be group * head_dim");
-        detail::require(a.key_rotation.empty() || a.key_rotation.size() == a.slots.size(), "key_rotation.size()",
-                        a.key_rotation.size(), "must be 0 or slots.size()");
-        detail::require(a.probabilities.empty() || a.probabilities.size() == a.slots.size(), "probabilities.size()",
-                        a.probabilities.size(), "must be 0 or slots.size()");
-        if (n == 0) {
-            check(cudaMemsetAsync(a.out.data(), 0, a.out.size_bytes(), cuda_stream), "attend: clearing out");
-            return;
-        }
-        detail::require(workspace.size() >= workspace_bytes(a.group, n, dim), "workspace.size()", workspace.size(),
-                        "must be at least workspace_bytes(group, slots, head_dim)");
-        detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0, "workspace", "address",
-                        "must be 4-byte aligned");
-        cuda::AttendParams<T> p;
-        p.stream = a.stream;
-        p.slots = a.slots.data();
-        p.n = n;
-        p.queries = a.queries.data();
-        p.group = a.group;
-        p.dim = dim;
-        p.scale = a.scale;
-        p.key_rotation = a.key_rotation.empty() ? nullptr : a.key_rotation.data();
-        p.rope = a.rope;
-        p.out = a.out.data();
-        p.probabilities = a.probabilities.empty() ? nullptr : a.probabilities.data();
-        p.chunks = cuda::attend_chunks(n);
-        cuda::attend_layout(p, reinterpret_cast<float*>(workspace.data()));
-        cuda::launch_attend(p, cuda_stream);
+        attend(cuda::OneStream<T>{a.stream}, a.stream.keys, a.stream.values, 1, n, a.slots, a.queries, a.group, a.scale,
+               a.key_rotation, a.rope, a.out, a.probabilities, workspace, cuda_stream);
+    }
+
+    /// The attention of every KV head of `a.heads` in one set of launches; see BatchAttendArgs.
+    /// `workspace`: heads.num_heads * workspace_bytes(group, n, head_dim) bytes, 4-byte aligned.
+    template <storage_type T>
+    void attend(const BatchAttendArgs<T>& a, std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
+        detail::require(a.heads.num_heads >= 0, "heads.num_heads", a.heads.num_heads, "must not be negative");
+        detail::require(a.n >= 0, "n", a.n, "must not be negative");
+        attend(a.heads, a.heads.keys, a.heads.values, a.heads.num_heads, a.n, a.slots, a.queries, a.group, a.scale,
+               a.key_rotation, a.rope, a.out, a.probabilities, workspace, cuda_stream);
     }
 
     /// For engines that own their cache, on the device: folds the keys appended at positions [first, first
@@ -259,6 +257,51 @@ public:
 
 private:
     static void check(cudaError_t status, const char* what) { cuda::check(status, what); }
+
+    /// Both attends: `heads` KV heads of `n` slots each, all arrays [heads][...].
+    template <storage_type T, class Streams>
+    static void attend(const Streams& streams, const PagePoolView<T>& keys, const PagePoolView<T>& values,
+                       std::int32_t heads, std::int32_t n, std::span<const std::int32_t> slots,
+                       std::span<const float> queries, std::int32_t group, float scale,
+                       std::span<const std::int32_t> key_rotation, Rope rope, std::span<float> out,
+                       std::span<float> probabilities, std::span<std::byte> workspace, cudaStream_t cuda_stream) {
+        const std::int32_t dim = same_dims(keys, values);
+        detail::require(group >= 1, "group", group, "must be at least 1");
+        const auto rows = static_cast<std::size_t>(heads) * static_cast<std::size_t>(n);
+        const std::size_t q_size = static_cast<std::size_t>(heads) * static_cast<std::size_t>(group) * static_cast<std::size_t>(dim);
+        detail::require(slots.size() == rows, "slots.size()", slots.size(), "must be heads * n");
+        detail::require(queries.size() == q_size, "queries.size()", queries.size(), "must be heads * group * head_dim");
+        detail::require(out.size() == q_size, "out.size()", out.size(), "must be heads * group * head_dim");
+        detail::require(key_rotation.empty() || key_rotation.size() == rows, "key_rotation.size()", key_rotation.size(),
+                        "must be 0 or the number of slots");
+        detail::require(probabilities.empty() || probabilities.size() == rows, "probabilities.size()",
+                        probabilities.size(), "must be 0 or the number of slots");
+        if (heads == 0) return;
+        if (n == 0) {
+            check(cudaMemsetAsync(out.data(), 0, out.size_bytes(), cuda_stream), "attend: clearing out");
+            return;
+        }
+        detail::require(workspace.size() >= static_cast<std::size_t>(heads) * workspace_bytes(group, n, dim),
+                        "workspace.size()", workspace.size(), "must be at least heads * workspace_bytes(group, n, head_dim)");
+        detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(float) == 0, "workspace", "address",
+                        "must be 4-byte aligned");
+        cuda::AttendParams<T, Streams> p;
+        p.streams = streams;
+        p.heads = heads;
+        p.slots = slots.data();
+        p.n = n;
+        p.queries = queries.data();
+        p.group = group;
+        p.dim = dim;
+        p.scale = scale;
+        p.key_rotation = key_rotation.empty() ? nullptr : key_rotation.data();
+        p.rope = rope;
+        p.out = out.data();
+        p.probabilities = probabilities.empty() ? nullptr : probabilities.data();
+        p.chunks = cuda::attend_chunks(n);
+        cuda::attend_layout(p, reinterpret_cast<float*>(workspace.data()));
+        cuda::launch_attend(p, keys, values, cuda_stream);
+    }
 
     static std::int32_t count_of(std::size_t size, const char* field) {
         detail::require(size <= static_cast<std::size_t>(INT32_MAX), field, size, "must fit in int32");

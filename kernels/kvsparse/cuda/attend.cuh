@@ -1,5 +1,6 @@
 #pragma once
-// Gathered decode attention: the query heads of one KV head over a list of slots, as CpuBackend::attend.
+// Gathered decode attention: the query heads of one KV head over a list of slots, as CpuBackend::attend,
+// for one KV head or a batch of them in the same launches (grid y: the head).
 // Split over the slots (flash-decoding): each block takes a chunk of kAttendChunk slots and keeps its own
 // softmax max, sum and partial output; a merge kernel rescales and adds the chunks. When per-slot
 // probabilities are wanted, the raw scores stay in the workspace and a third kernel turns them into the
@@ -33,20 +34,23 @@ inline constexpr std::int32_t kAttendChunk = kRowGroups * kRowsPerGroup;  // slo
 inline constexpr int kHeadTile = 4;                          // query heads a thread accumulates at once
 inline constexpr int kMergeThreads = 1024;                   // 32 warps over the chunks, one 32-element slice
 
-/// Device pointers and sizes of one attention; the workspace parts follow attend_layout.
-template <storage_type T>
+/// Device pointers and sizes of the attention of KV head 0 (slots, queries, out, probabilities and the
+/// workspace parts, as attend_layout places them); head h's follow at fixed strides (at_head).
+/// `Streams` is OneStream<T> or HeadBatchView<T>.
+template <storage_type T, class Streams>
 struct AttendParams {
-    StreamView<T> stream;
-    const std::int32_t* slots = nullptr;
+    Streams streams;
+    std::int32_t heads = 1;
+    const std::int32_t* slots = nullptr;     // [heads][n]
     std::int32_t n = 0;
-    const float* queries = nullptr;          // [group][dim]
+    const float* queries = nullptr;          // [heads][group][dim]
     std::int32_t group = 1;
     std::int32_t dim = 0;
     float scale = 1.0f;
-    const std::int32_t* key_rotation = nullptr;  // per slot, or null
+    const std::int32_t* key_rotation = nullptr;  // per slot, [heads][n], or null
     Rope rope{};
-    float* out = nullptr;                    // [group][dim]
-    float* probabilities = nullptr;          // per slot, or null
+    float* out = nullptr;                    // [heads][group][dim]
+    float* probabilities = nullptr;          // per slot, [heads][n], or null
     std::int32_t chunks = 0;
     float* scores = nullptr;                 // [group][n]    scaled q.k, kept for the probabilities
     float* part_out = nullptr;               // [chunks][group][dim]
@@ -54,6 +58,9 @@ struct AttendParams {
     float* part_sum = nullptr;               // [chunks][group]
     float* total_max = nullptr;              // [group]
     float* total_sum = nullptr;              // [group]
+
+    /// Head h's parameters: every pointer moved to that head's part.
+    __device__ AttendParams at_head(std::int32_t h) const;
 };
 
 constexpr std::int32_t attend_chunks(std::int32_t n) { return (n + kAttendChunk - 1) / kAttendChunk; }
@@ -65,9 +72,9 @@ constexpr std::size_t attend_workspace_floats(std::int32_t group, std::int32_t n
     return g * static_cast<std::size_t>(n) + c * g * (static_cast<std::size_t>(dim) + 2) + 2 * g;
 }
 
-/// Points the workspace parts of `p` into `workspace` (attend_workspace_floats floats).
-template <storage_type T>
-void attend_layout(AttendParams<T>& p, float* workspace) {
+/// Points the workspace parts of `p` into `workspace` (attend_workspace_floats floats per head).
+template <storage_type T, class Streams>
+void attend_layout(AttendParams<T, Streams>& p, float* workspace) {
     const auto g = static_cast<std::size_t>(p.group);
     const auto c = static_cast<std::size_t>(p.chunks);
     p.scores = workspace;
@@ -76,6 +83,25 @@ void attend_layout(AttendParams<T>& p, float* workspace) {
     p.part_sum = p.part_max + c * g;
     p.total_max = p.part_sum + c * g;
     p.total_sum = p.total_max + g;
+}
+
+template <storage_type T, class Streams>
+__device__ AttendParams<T, Streams> AttendParams<T, Streams>::at_head(std::int32_t h) const {
+    AttendParams p = *this;
+    const std::int64_t rows = std::int64_t{h} * n, heads_out = std::int64_t{h} * group * dim;
+    const auto work = static_cast<std::int64_t>(attend_workspace_floats(group, n, dim)) * h;
+    p.slots += rows;
+    p.queries += heads_out;
+    if (p.key_rotation != nullptr) p.key_rotation += rows;
+    p.out += heads_out;
+    if (p.probabilities != nullptr) p.probabilities += rows;
+    p.scores += work;
+    p.part_out += work;
+    p.part_max += work;
+    p.part_sum += work;
+    p.total_max += work;
+    p.total_sum += work;
+    return p;
 }
 
 /// Elements per 16-byte load: 8 of a 16-bit type, 4 floats; 1 where rows are not aligned for that.
@@ -142,8 +168,11 @@ __device__ inline Floats<V> load_widened(const T* p) {
 /// output: each lane sums its rows' weighted values, then the half-warps meet by a shuffle and through
 /// shared memory in a fixed order. With key rotation the chunk's keys are first turned into shared
 /// memory (rope_rotate's math, bit for bit) and read from there.
-template <storage_type T, int V, bool Rotate>
-__global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendParams<T> p) {
+template <storage_type T, class Streams, int V, bool Rotate>
+__global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendParams<T, Streams> batch) {
+    const auto h = static_cast<std::int32_t>(blockIdx.y);
+    const StreamView<T> stream = batch.streams.stream(h);
+    const AttendParams<T, Streams> p = batch.at_head(h);
     extern __shared__ __align__(16) float shared[];
     float* q = shared;                              // [group][dim]
     float* weight = q + p.group * p.dim;            // [group][chunk]
@@ -166,8 +195,8 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
     for (int u = 0; u < kRowsPerGroup; ++u) {
         const int row = u * kRowGroups + row_group;
         const std::int32_t slot = p.slots[first + min(row, count - 1)];  // past the end: a valid row, unused
-        key_rows[u] = p.stream.key(slot);
-        value_rows[u] = p.stream.value(slot);
+        key_rows[u] = stream.key(slot);
+        value_rows[u] = stream.value(slot);
     }
     // The values are read only after the scores: ask for them now, so that they wait in L2.
     for (std::int32_t d = lane * V; d < p.dim; d += kRowLanes * V) {
@@ -178,7 +207,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
         for (int i = tid; i < count * pairs; i += kAttendThreads) {
             const int row = i / pairs;
             const std::int32_t pair = i - row * pairs;
-            const T* k = p.stream.key(p.slots[first + row]);
+            const T* k = stream.key(p.slots[first + row]);
             const std::int32_t a = rope_first(p.rope.style, pair);
             const std::int32_t b = rope_second(p.rope.style, pair, p.dim);
             float xa = to_float(k[a]);
@@ -189,7 +218,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
         }
         if (p.dim % 2 != 0) {  // an odd last element stays as it is
             for (int row = tid; row < count; row += kAttendThreads) {
-                turned[row * p.dim + p.dim - 1] = to_float(p.stream.key(p.slots[first + row])[p.dim - 1]);
+                turned[row * p.dim + p.dim - 1] = to_float(stream.key(p.slots[first + row])[p.dim - 1]);
             }
         }
     }
@@ -302,11 +331,12 @@ __device__ inline float block_reduce(float x, bool take_max, float* scratch) {
     return r;
 }
 
-/// Grid (group, ceil(dim / 32)): block (g, s) merges elements [32 s, 32 s + 32) of head g's output. The
+/// Grid (group, ceil(dim / 32), heads): block (g, s, h) merges elements [32 s, 32 s + 32) of head g's output. The
 /// global max and sum over the chunks, then each warp adds every 32nd chunk's rescaled partial output,
 /// and the warps meet in a fixed order; out = that times 1/sum (CpuBackend also multiplies by the inverse).
-template <storage_type T>
-__global__ void __launch_bounds__(kMergeThreads) attend_merge_kernel(AttendParams<T> p) {
+template <storage_type T, class Streams>
+__global__ void __launch_bounds__(kMergeThreads) attend_merge_kernel(AttendParams<T, Streams> batch) {
+    const AttendParams<T, Streams> p = batch.at_head(static_cast<std::int32_t>(blockIdx.z));
     constexpr int warps = kMergeThreads / 32;
     __shared__ float scratch[warps];
     __shared__ float sums[warps][32];
@@ -346,9 +376,10 @@ __global__ void __launch_bounds__(kMergeThreads) attend_merge_kernel(AttendParam
     }
 }
 
-/// probabilities[j] += sum over the group of exp(score - max) / sum; a thread per slot.
-template <storage_type T>
-__global__ void attend_probabilities_kernel(AttendParams<T> p) {
+/// probabilities[j] += sum over the group of exp(score - max) / sum; a thread per slot, grid y the head.
+template <storage_type T, class Streams>
+__global__ void attend_probabilities_kernel(AttendParams<T, Streams> batch) {
+    const AttendParams<T, Streams> p = batch.at_head(static_cast<std::int32_t>(blockIdx.y));
     for (std::int64_t j = global_thread(); j < p.n; j += grid_threads()) {
         float mass = 0.0f;
         for (std::int32_t g = 0; g < p.group; ++g) {
@@ -358,36 +389,41 @@ __global__ void attend_probabilities_kernel(AttendParams<T> p) {
     }
 }
 
-template <storage_type T, int V, bool Rotate>
-void launch_attend_chunks(const AttendParams<T>& p, cudaStream_t stream) {
+template <storage_type T, class Streams, int V, bool Rotate>
+void launch_attend_chunks(const AttendParams<T, Streams>& p, cudaStream_t stream) {
     const std::size_t shared = attend_shared_bytes(p.group, p.dim, Rotate);
     if (shared > 48 * 1024) {
         // Beyond the default limit the kernel has to opt in (up to the device's maximum).
-        check(cudaFuncSetAttribute(attend_chunk_kernel<T, V, Rotate>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        check(cudaFuncSetAttribute(attend_chunk_kernel<T, Streams, V, Rotate>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(shared)),
               "attend_chunk_kernel shared memory");
     }
-    attend_chunk_kernel<T, V, Rotate><<<static_cast<unsigned>(p.chunks), kAttendThreads, shared, stream>>>(p);
+    const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.heads));
+    attend_chunk_kernel<T, Streams, V, Rotate><<<grid, kAttendThreads, shared, stream>>>(p);
     check_launch("attend_chunk_kernel");
 }
 
-/// Enqueues the attention; `p` has its workspace parts laid out (attend_layout) and n > 0.
-template <storage_type T>
-void launch_attend(const AttendParams<T>& p, cudaStream_t stream) {
+/// Enqueues the attention; `p` has its workspace parts laid out (attend_layout), n > 0 and heads > 0;
+/// `keys` and `values` are the pools its streams read.
+template <storage_type T, class Streams>
+void launch_attend(const AttendParams<T, Streams>& p, const PagePoolView<T>& keys, const PagePoolView<T>& values,
+                   cudaStream_t stream) {
     constexpr int wide = kVectorWidth<T>;
-    const bool vectors = pool_aligned_for(p.stream.keys, wide) && pool_aligned_for(p.stream.values, wide);
+    const bool vectors = pool_aligned_for(keys, wide) && pool_aligned_for(values, wide);
     if (p.key_rotation != nullptr) {
-        if (vectors) launch_attend_chunks<T, wide, true>(p, stream);
-        else launch_attend_chunks<T, 1, true>(p, stream);
+        if (vectors) launch_attend_chunks<T, Streams, wide, true>(p, stream);
+        else launch_attend_chunks<T, Streams, 1, true>(p, stream);
     } else {
-        if (vectors) launch_attend_chunks<T, wide, false>(p, stream);
-        else launch_attend_chunks<T, 1, false>(p, stream);
+        if (vectors) launch_attend_chunks<T, Streams, wide, false>(p, stream);
+        else launch_attend_chunks<T, Streams, 1, false>(p, stream);
     }
-    const dim3 merge_grid(static_cast<unsigned>(p.group), static_cast<unsigned>((p.dim + 31) / 32));
-    attend_merge_kernel<T><<<merge_grid, kMergeThreads, 0, stream>>>(p);
+    const dim3 merge_grid(static_cast<unsigned>(p.group), static_cast<unsigned>((p.dim + 31) / 32),
+                          static_cast<unsigned>(p.heads));
+    attend_merge_kernel<T, Streams><<<merge_grid, kMergeThreads, 0, stream>>>(p);
     check_launch("attend_merge_kernel");
     if (p.probabilities != nullptr) {
-        attend_probabilities_kernel<T><<<blocks_for(p.n), kThreads, 0, stream>>>(p);
+        const dim3 grid(blocks_for(p.n), static_cast<unsigned>(p.heads));
+        attend_probabilities_kernel<T, Streams><<<grid, kThreads, 0, stream>>>(p);
         check_launch("attend_probabilities_kernel");
     }
 }
