@@ -8,8 +8,7 @@
 //
 // Decode reads each key and value row once, so the kernel is about keeping many row loads in flight:
 // half a warp reads one row in 16-byte pieces, and each half-warp issues all eight of its rows' loads
-// before it uses any (a chunk is eight rows for each of the block's eight half-warps), keeping them as
-// loaded (Packed) until each is used, so that a block needs few registers and more blocks fit an SM.
+// before it uses any (a chunk is eight rows for each of the block's eight half-warps).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -131,35 +130,24 @@ __device__ inline float row_sum(float x) {
     return x;
 }
 
-/// V stored elements as loaded: one element, or 16 bytes (a float4, or a uint4 of eight 16-bit values).
-/// Rows stay in this form until used, which takes half the registers of widened float16 rows.
+/// V elements from `p` as floats; V > 1 needs `p` aligned to 16 bytes. float16 widens in hardware
+/// (exact, like the library's to_float).
 template <int V, storage_type T>
-using Packed = std::conditional_t<V == 1, T, std::conditional_t<std::is_same_v<T, float>, float4, uint4>>;
-
-/// V elements at `p`; V > 1 needs `p` aligned to 16 bytes.
-template <int V, storage_type T>
-__device__ inline Packed<V, T> load_packed(const T* p) {
-    static_assert(V == 1 || V == kVectorWidth<T>);
-    return *reinterpret_cast<const Packed<V, T>*>(p);
-}
-
-/// The floats of a Packed; float16 widens in hardware (exact, like the library's to_float).
-template <int V, storage_type T>
-__device__ inline Floats<V> widen(const Packed<V, T>& packed) {
+__device__ inline Floats<V> load_widened(const T* p) {
     Floats<V> f;
     if constexpr (V == 1) {
         if constexpr (std::is_same_v<T, half>) {
-            f.x[0] = __half2float(__ushort_as_half(packed.bits));
+            f.x[0] = __half2float(__ushort_as_half(p->bits));
         } else {
-            f.x[0] = to_float(packed);
+            f.x[0] = to_float(*p);
         }
     } else if constexpr (std::is_same_v<T, float>) {
-        f.x[0] = packed.x;
-        f.x[1] = packed.y;
-        f.x[2] = packed.z;
-        f.x[3] = packed.w;
+        static_assert(V == 4);
+        f = load_floats<4>(p);
     } else {
-        const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+        static_assert(V == 8);
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
         for (int i = 0; i < 4; ++i) {
             if constexpr (std::is_same_v<T, half>) {
                 const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
@@ -182,15 +170,13 @@ __device__ inline Floats<V> widen(const Packed<V, T>& packed) {
 /// memory (rope_rotate's math, bit for bit) and read from there.
 template <storage_type T, class Streams, int V, bool Rotate>
 __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendParams<T, Streams> batch) {
-    const auto head = static_cast<std::int32_t>(blockIdx.y);
-    const StreamView<T> stream = batch.streams.stream(head);
-    const AttendParams<T, Streams> p = batch.at_head(head);
+    const auto h = static_cast<std::int32_t>(blockIdx.y);
+    const StreamView<T> stream = batch.streams.stream(h);
+    const AttendParams<T, Streams> p = batch.at_head(h);
     extern __shared__ __align__(16) float shared[];
     float* q = shared;                              // [group][dim]
     float* weight = q + p.group * p.dim;            // [group][chunk]
     float* turned = weight + p.group * kAttendChunk;  // [chunk][dim], when Rotate
-    __shared__ const T* key_rows[kAttendChunk];
-    __shared__ const T* value_rows[kAttendChunk];
     __shared__ float partial[kAttendWarps][kHeadTile][kRowLanes * V];
 
     const std::int32_t chunk = static_cast<std::int32_t>(blockIdx.x);
@@ -202,14 +188,19 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
     const int warp = tid / 32;
 
     for (int i = tid; i < p.group * p.dim; i += kAttendThreads) q[i] = p.queries[i];
-    if (tid < kAttendChunk) {
-        const std::int32_t slot = p.slots[first + min(tid, count - 1)];  // past the end: a valid row, unused
-        key_rows[tid] = stream.key(slot);
-        value_rows[tid] = stream.value(slot);
-        // The values are read only after the scores: ask for them now, so that they wait in L2.
-        for (std::int32_t d = 0; d < p.dim; d += 128 / static_cast<std::int32_t>(sizeof(T))) {
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(value_rows[tid] + d));
-        }
+
+    // This lane's rows: slot lookups first, so that the loads below do not wait on each other.
+    const T* key_rows[kRowsPerGroup];
+    const T* value_rows[kRowsPerGroup];
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+        const int row = u * kRowGroups + row_group;
+        const std::int32_t slot = p.slots[first + min(row, count - 1)];  // past the end: a valid row, unused
+        key_rows[u] = stream.key(slot);
+        value_rows[u] = stream.value(slot);
+    }
+    // The values are read only after the scores: ask for them now, so that they wait in L2.
+    for (std::int32_t d = lane * V; d < p.dim; d += kRowLanes * V) {
+        for (int u = 0; u < kRowsPerGroup; ++u) asm volatile("prefetch.global.L2 [%0];" ::"l"(value_rows[u] + d));
     }
     if constexpr (Rotate) {
         const std::int32_t pairs = p.dim / 2;
@@ -239,23 +230,19 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
         for (std::int32_t base = 0; base < p.dim; base += segment) {
             const std::int32_t d = base + lane * V;
             if (d >= p.dim) continue;
-            // Every row's load is issued before the first is used.
-            Packed<V, T> packed[kRowsPerGroup];
-            if constexpr (!Rotate) {
-                for (int u = 0; u < kRowsPerGroup; ++u) packed[u] = load_packed<V>(key_rows[u * kRowGroups + row_group] + d);
-            }
+            Floats<V> k[kRowsPerGroup];
             for (int u = 0; u < kRowsPerGroup; ++u) {
-                Floats<V> k;
                 if constexpr (Rotate) {
-                    const float* row = turned + min(u * kRowGroups + row_group, count - 1) * p.dim + d;
-                    for (int v = 0; v < V; ++v) k.x[v] = row[v];
+                    for (int v = 0; v < V; ++v) k[u].x[v] = turned[min(u * kRowGroups + row_group, count - 1) * p.dim + d + v];
                 } else {
-                    k = widen<V, T>(packed[u]);
+                    k[u] = load_widened<V>(key_rows[u] + d);
                 }
-                for (int h = 0; h < kHeadTile; ++h) {
-                    if (g0 + h >= p.group) break;
-                    const float* qh = q + (g0 + h) * p.dim + d;
-                    for (int v = 0; v < V; ++v) dot[u][h] = fmaf(qh[v], k.x[v], dot[u][h]);
+            }
+            for (int h = 0; h < kHeadTile; ++h) {
+                if (g0 + h >= p.group) break;
+                const float* qh = q + (g0 + h) * p.dim + d;
+                for (int u = 0; u < kRowsPerGroup; ++u) {
+                    for (int v = 0; v < V; ++v) dot[u][h] = fmaf(qh[v], k[u].x[v], dot[u][h]);
                 }
             }
         }
@@ -295,16 +282,15 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
             const std::int32_t d = base + lane * V;
             float acc[kHeadTile][V] = {};
             if (d < p.dim) {
-                Packed<V, T> packed[kRowsPerGroup];
-                for (int u = 0; u < kRowsPerGroup; ++u) packed[u] = load_packed<V>(value_rows[u * kRowGroups + row_group] + d);
+                Floats<V> value[kRowsPerGroup];
+                for (int u = 0; u < kRowsPerGroup; ++u) value[u] = load_widened<V>(value_rows[u] + d);
                 for (int u = 0; u < kRowsPerGroup; ++u) {
                     const int row = u * kRowGroups + row_group;
                     if (row >= count) break;  // rows ascend with u
-                    const Floats<V> value = widen<V, T>(packed[u]);
                     for (int h = 0; h < kHeadTile; ++h) {
                         if (g0 + h >= p.group) break;
                         const float w = weight[(g0 + h) * kAttendChunk + row];
-                        for (int v = 0; v < V; ++v) acc[h][v] = fmaf(w, value.x[v], acc[h][v]);
+                        for (int v = 0; v < V; ++v) acc[h][v] = fmaf(w, value[u].x[v], acc[h][v]);
                     }
                 }
             }
