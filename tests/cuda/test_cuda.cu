@@ -206,6 +206,17 @@ struct Stream {
     void sync() const { check(cudaStreamSynchronize(handle), "cudaStreamSynchronize"); }
 };
 
+/// The device's attention output and probabilities against the host's: equal up to summation order.
+void require_attention_close(const DeviceBuffer<float>& device_out, const std::vector<float>& out,
+                             const DeviceBuffer<float>& device_probabilities, const std::vector<float>& probabilities) {
+    const std::vector<float> gpu_out = device_out.download();
+    for (std::size_t i = 0; i < out.size(); ++i) CHECK(std::fabs(gpu_out[i] - out[i]) <= 1e-5f + 1e-4f * std::fabs(out[i]));
+    const std::vector<float> gpu_probabilities = device_probabilities.download();
+    for (std::size_t i = 0; i < probabilities.size(); ++i) {
+        CHECK(std::fabs(gpu_probabilities[i] - probabilities[i]) <= 1e-6f + 1e-4f * std::fabs(probabilities[i]));
+    }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("write stores rows like CpuBackend / bit for bit", "[cuda]", float, kvsparse::half, bfloat16) {
@@ -475,12 +486,7 @@ TEMPLATE_TEST_CASE("attend matches CpuBackend", "[cuda]", float, kvsparse::half,
         CpuBackend().attend(host_args, host_workspace);
         stream.sync();
 
-        const std::vector<float> gpu_out = device_out.download();
-        for (std::size_t i = 0; i < out.size(); ++i) CHECK(std::fabs(gpu_out[i] - out[i]) <= 1e-5f + 1e-4f * std::fabs(out[i]));
-        const std::vector<float> gpu_probabilities = device_probabilities.download();
-        for (std::size_t i = 0; i < probabilities.size(); ++i) {
-            CHECK(std::fabs(gpu_probabilities[i] - probabilities[i]) <= 1e-6f + 1e-4f * std::fabs(probabilities[i]));
-        }
+        require_attention_close(device_out, out, device_probabilities, probabilities);
         pools.require_equal();  // attention reads only
     }
 }
@@ -554,12 +560,7 @@ TEMPLATE_TEST_CASE("batched attend equals one attend per KV head", "[cuda]", flo
         }
         stream.sync();
 
-        const std::vector<float> gpu_out = device_out.download();
-        for (std::size_t i = 0; i < out.size(); ++i) CHECK(std::fabs(gpu_out[i] - out[i]) <= 1e-5f + 1e-4f * std::fabs(out[i]));
-        const std::vector<float> gpu_probabilities = device_probabilities.download();
-        for (std::size_t i = 0; i < probabilities.size(); ++i) {
-            CHECK(std::fabs(gpu_probabilities[i] - probabilities[i]) <= 1e-6f + 1e-4f * std::fabs(probabilities[i]));
-        }
+        require_attention_close(device_out, out, device_probabilities, probabilities);
         pools.require_equal();  // attention reads only
     }
 }
