@@ -316,6 +316,68 @@ void bench_attend_batch(cudaStream_t stream) {
     }
 }
 
+/// Bench-only glue for the Quest step below: block h turns head h's chosen pages (the first `chosen` of
+/// its row of `order`, which is `stride` long) plus the stream's last page into slots, `page_size` each.
+__global__ void pages_to_slots_kernel(const std::int32_t* order, std::int32_t stride, std::int32_t chosen,
+                                      std::int32_t last_page, std::int32_t page_size, std::int32_t* slots) {
+    const std::int32_t h = static_cast<std::int32_t>(blockIdx.x);
+    const std::int32_t count = (chosen + 1) * page_size;
+    for (std::int32_t i = static_cast<std::int32_t>(threadIdx.x); i < count; i += static_cast<std::int32_t>(blockDim.x)) {
+        const std::int32_t k = i / page_size;
+        const std::int32_t page = k < chosen ? order[static_cast<std::int64_t>(h) * stride + k] : last_page;
+        slots[static_cast<std::int64_t>(h) * count + i] = page * page_size + i % page_size;
+    }
+}
+
+/// A whole Quest decode step of a layer on the device, all 8 KV heads in each launch: page scores of
+/// every page but the last, the top 127, their slots with the last page's, attention over those 2048
+/// slots; against dense attention over every slot in the same process. Bytes: K/V rows and bounds read.
+void bench_quest_layer(cudaStream_t stream) {
+    using T = kvsparse::half;
+    const std::int32_t heads = 8, group = 4, dim = 128, page_size = 16, budget = 128;
+    for (const std::int32_t n : {32768, 131072}) {
+        Streams<T> s(heads, n, dim);
+        const std::int32_t pages = n / page_size, scored = pages - 1;
+        const std::size_t per_head = kvsparse::KeyBounds<T>::elements(pages, dim);
+        Device<T> bounds(heads * per_head);
+        fill(bounds, 14);
+        Device<float> queries(static_cast<std::size_t>(heads) * group * dim), result(queries.size);
+        fill(queries, 15);
+        Device<float> scores(static_cast<std::size_t>(heads) * pages);
+        Device<std::int32_t> order(static_cast<std::size_t>(heads) * pages), slots(static_cast<std::size_t>(heads) * budget * page_size);
+        Device<std::byte> top_workspace(CudaBackend::top_pages_workspace_bytes(scored));
+        Device<std::byte> workspace(heads * CudaBackend::workspace_bytes(group, n, dim));
+        std::vector<std::int32_t> every;
+        for (std::int32_t h = 0; h < heads; ++h)
+            for (std::int32_t i = 0; i < n; ++i) every.push_back(i);
+        const Device<std::int32_t> dense_slots(every);
+        const auto view = kvsparse::KeyBounds<const T>::packed(bounds.data, pages, page_size, dim);
+        const CudaBackend backend;
+        const float scale = 0.08838834764f;
+        const double quest_ms = time_ms(stream, [&] {
+            backend.batch_page_scores(view, static_cast<std::int64_t>(per_head), heads, scored, queries.cspan(), group,
+                                      kvsparse::GqaAggregation::max, scores.span(), stream);
+            backend.batch_top_pages(scores.cspan(), heads, scored, budget - 1, order.span(), top_workspace.span(), stream);
+            pages_to_slots_kernel<<<heads, 256, 0, stream>>>(order.data, scored, budget - 1, pages - 1, page_size, slots.data);
+            check(cudaGetLastError(), "pages_to_slots_kernel");
+            backend.attend(kvsparse::BatchAttendArgs<T>{s.batch(), budget * page_size, slots.cspan(), queries.cspan(), group,
+                                                        scale, {}, kvsparse::Rope{}, result.span(), {}},
+                           workspace.span(), stream);
+        });
+        const double dense_ms = time_ms(stream, [&] {
+            backend.attend(kvsparse::BatchAttendArgs<T>{s.batch(), n, dense_slots.cspan(), queries.cspan(), group, scale, {},
+                                                        kvsparse::Rope{}, result.span(), {}},
+                           workspace.span(), stream);
+        });
+        const std::string shape = "8 heads, " + std::to_string(n) + " tokens";
+        report("Quest step f16", shape + ", 2048 of them", quest_ms,
+               heads * (2.0 * budget * page_size * dim + 2.0 * scored * dim) * sizeof(T));
+        report("dense step f16", shape, dense_ms, heads * 2.0 * n * dim * sizeof(T));
+        std::fprintf(out, "%-28s %-44s %10.2fx (the bound L / (L/P + B): %.2fx)\n", "Quest speedup over dense", shape.c_str(),
+                     dense_ms / quest_ms, static_cast<double>(n) / (static_cast<double>(n) / page_size + budget * page_size));
+    }
+}
+
 /// Quest's page scores of one KV head's 4 query heads at 32K and 256K tokens (pages of 16, float16
 /// bounds): bytes are the bounds read.
 void bench_page_scores(cudaStream_t stream) {
@@ -390,6 +452,7 @@ int main(int argc, char** argv) {
         bench_attend<float>(stream);
         bench_attend_batch<kvsparse::half>(stream);
         bench_page_scores(stream);
+        bench_quest_layer(stream);
         check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
         check(cudaStreamDestroy(stream), "cudaStreamDestroy");
     } catch (const kvsparse::error& e) {

@@ -594,6 +594,38 @@ TEMPLATE_TEST_CASE("page_scores equal CpuBackend's bit for bit", "[cuda][quest]"
     }
 }
 
+TEMPLATE_TEST_CASE("batch_page_scores equal one page_scores per head", "[cuda][quest]", float, kvsparse::half, bfloat16) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937 rng(6);
+    const int heads = 3, pages = 29, dim = 64, rows = 4, stride_pages = 31;  // heads' bounds 31 pages apart
+    for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::per_query_head}) {
+        CAPTURE(static_cast<int>(mode));
+        std::vector<TestType> data;
+        const auto all = test_inputs::random_bounds(data, heads * stride_pages, dim, rng);
+        const std::vector<float> q = test_inputs::random_queries(heads * rows, dim, rng);
+        const std::size_t per_head = static_cast<std::size_t>(pages) * (mode == kvsparse::GqaAggregation::per_query_head ? rows : 1);
+        std::vector<float> want(heads * per_head, -1.0f);
+        const std::int64_t head_stride = std::int64_t{stride_pages} * all.page_stride;
+        for (int h = 0; h < heads; ++h) {
+            auto head_bounds = all;
+            head_bounds.data += h * head_stride;
+            head_bounds.pages = pages;
+            CpuBackend::page_scores(head_bounds, pages,
+                                    std::span<const float>(q).subspan(static_cast<std::size_t>(h * rows * dim),
+                                                                      static_cast<std::size_t>(rows * dim)),
+                                    rows, mode, std::span<float>(want).subspan(h * per_head, per_head));
+        }
+        const DeviceBuffer<TestType> device_bounds(data);
+        const DeviceBuffer<float> device_q(q);
+        DeviceBuffer<float> device_scores(std::vector<float>(want.size(), -1.0f));
+        const auto bounds = kvsparse::KeyBounds<const TestType>::packed(device_bounds.data(), pages, 16, dim);
+        CudaBackend().batch_page_scores(bounds, head_stride, heads, pages, std::span<const float>(device_q.span()), rows,
+                                        mode, device_scores.span());
+        const std::vector<float> got = device_scores.download();
+        CHECK(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0);
+    }
+}
+
 TEMPLATE_TEST_CASE("append_key_bounds folds keys like the host", "[cuda][quest]", float, kvsparse::half, bfloat16) {
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(3);
@@ -650,6 +682,37 @@ TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
         REQUIRE(got_count == want_count);
         CHECK(std::vector<std::int32_t>(got.begin(), got.begin() + got_count) ==
               std::vector<std::int32_t>(want.begin(), want.begin() + want_count));
+    }
+}
+
+TEST_CASE("batch_top_pages selects each head's pages as CpuBackend does", "[cuda][quest]") {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937 rng(10);
+    const int heads = 5;
+    // One block per head up to kBlockTopPages scores; beyond, one device-wide sort per head.
+    for (const int n : {300, kvsparse::cuda::kBlockTopPages, kvsparse::cuda::kBlockTopPages + 700}) {
+        for (const int k : {1, 37, n - 1}) {
+            CAPTURE(n, k);
+            std::vector<float> scores(static_cast<std::size_t>(heads * n));
+            for (float& x : scores) x = static_cast<float>(static_cast<int>(rng() % 50) - 25) * 0.25f;  // many ties
+            std::vector<std::int32_t> want(scores.size());
+            for (int h = 0; h < heads; ++h) {
+                const auto at = static_cast<std::size_t>(h * n);
+                CpuBackend::top_pages(std::span<const float>(scores).subspan(at, static_cast<std::size_t>(n)), n, k,
+                                      std::span<std::int32_t>(want).subspan(at, static_cast<std::size_t>(n)));
+            }
+            const DeviceBuffer<float> device_scores(scores);
+            DeviceBuffer<std::int32_t> order(std::vector<std::int32_t>(scores.size(), -7));
+            DeviceBuffer<std::byte> workspace(CudaBackend::top_pages_workspace_bytes(n));
+            REQUIRE(CudaBackend().batch_top_pages(std::span<const float>(device_scores.span()), heads, n, k, order.span(),
+                                                  workspace.span()) == k);
+            const std::vector<std::int32_t> got = order.download();
+            for (int h = 0; h < heads; ++h) {
+                const auto at = static_cast<std::ptrdiff_t>(h * n);
+                CHECK(std::vector<std::int32_t>(got.begin() + at, got.begin() + at + k) ==
+                      std::vector<std::int32_t>(want.begin() + at, want.begin() + at + k));
+            }
+        }
     }
 }
 

@@ -216,18 +216,35 @@ public:
     template <class T>
     void page_scores(const KeyBounds<T>& bounds, std::int32_t pages, std::span<const float> queries, std::int32_t rows,
                      GqaAggregation mode, std::span<float> scores, stream_type cuda_stream = nullptr) const {
-        detail::require(pages >= 0 && pages <= bounds.pages, "pages", pages, "must be in [0, bounds.pages]");
-        detail::require(rows >= 1, "rows", rows, "must be at least 1");
-        detail::require(queries.size() == static_cast<std::size_t>(rows) * static_cast<std::size_t>(bounds.head_dim),
-                        "queries.size()", queries.size(), "must be rows * bounds.head_dim");
-        const std::size_t needed = static_cast<std::size_t>(pages) * (mode == GqaAggregation::per_query_head ? static_cast<std::size_t>(rows) : 1);
-        detail::require(scores.size() >= needed, "scores.size()", scores.size(), "must hold pages (times rows per query head)");
-        if (pages == 0) return;
-        cuda::launch_page_scores(bounds.read_only(), pages, queries.data(), rows, mode, scores.data(), cuda_stream);
+        batch_page_scores(bounds, 0, 1, pages, queries, rows, mode, scores, cuda_stream);
     }
 
-    /// Bytes of device workspace top_pages needs for n scores. Asks CUB, which sizes its scratch for the
-    /// current device: call it with a device present.
+    /// page_scores of `heads` KV heads in one launch (a layer's heads at a decode step): head h's bounds
+    /// start `head_stride` elements after head h - 1's (same pages, page size and head_dim), its queries
+    /// are [h][rows][head_dim], its scores [h][pages] ([h][rows][pages] per query head).
+    template <class T>
+    void batch_page_scores(const KeyBounds<T>& bounds, std::int64_t head_stride, std::int32_t heads, std::int32_t pages,
+                           std::span<const float> queries, std::int32_t rows, GqaAggregation mode, std::span<float> scores,
+                           stream_type cuda_stream = nullptr) const {
+        detail::require(heads >= 0, "heads", heads, "must not be negative");
+        detail::require(head_stride >= 0, "head_stride", head_stride, "must not be negative");
+        detail::require(pages >= 0 && pages <= bounds.pages, "pages", pages, "must be in [0, bounds.pages]");
+        detail::require(rows >= 1, "rows", rows, "must be at least 1");
+        const auto h = static_cast<std::size_t>(heads);
+        detail::require(queries.size() == h * static_cast<std::size_t>(rows) * static_cast<std::size_t>(bounds.head_dim),
+                        "queries.size()", queries.size(), "must be heads * rows * bounds.head_dim");
+        const std::size_t needed = h * static_cast<std::size_t>(pages) *
+                                   (mode == GqaAggregation::per_query_head ? static_cast<std::size_t>(rows) : 1);
+        detail::require(scores.size() >= needed, "scores.size()", scores.size(),
+                        "must hold heads * pages (times rows per query head)");
+        if (pages == 0 || heads == 0) return;
+        cuda::launch_page_scores(bounds.read_only(), head_stride, heads, pages, queries.data(), rows, mode, scores.data(),
+                                 cuda_stream);
+    }
+
+    /// Bytes of device workspace top_pages needs for n scores (batch_top_pages: the same, whatever the
+    /// number of heads). Asks CUB, which sizes its scratch for the current device: call it with a device
+    /// present.
     static std::size_t top_pages_workspace_bytes(std::int32_t n) {
         detail::require(n >= 0, "n", n, "must not be negative");
         return cuda::TopPagesLayout::of(n).total();
@@ -239,11 +256,22 @@ public:
     /// of 256-byte aligned device memory.
     std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order,
                            std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
-        detail::require(n >= 0 && scores.size() >= static_cast<std::size_t>(n), "n", n, "must be in [0, scores.size()]");
-        detail::require(order.size() >= static_cast<std::size_t>(n), "order.size()", order.size(), "must be at least n");
-        if (k <= 0 || n == 0) return 0;
+        return batch_top_pages(scores, 1, n, k, order, workspace, cuda_stream);
+    }
+
+    /// top_pages of `heads` rows of scores, [heads][n], into order [heads][n] (row h's k pages first);
+    /// one launch for all heads up to 4096 scores each. Returns min(k, n) (0 for k <= 0).
+    std::int32_t batch_top_pages(std::span<const float> scores, std::int32_t heads, std::int32_t n, std::int32_t k,
+                                 std::span<std::int32_t> order, std::span<std::byte> workspace,
+                                 stream_type cuda_stream = nullptr) const {
+        detail::require(heads >= 0, "heads", heads, "must not be negative");
+        detail::require(n >= 0 && scores.size() >= static_cast<std::size_t>(heads) * static_cast<std::size_t>(n), "n", n,
+                        "must be in [0, scores.size() / heads]");
+        detail::require(order.size() >= static_cast<std::size_t>(heads) * static_cast<std::size_t>(n), "order.size()",
+                        order.size(), "must be at least heads * n");
+        if (k <= 0 || n == 0 || heads == 0) return 0;
         if (k >= n) {
-            cuda::launch_iota(order.data(), n, cuda_stream);
+            cuda::launch_iota(order.data(), heads, n, cuda_stream);
             return n;
         }
         const cuda::TopPagesLayout layout = cuda::TopPagesLayout::of(n);
@@ -251,7 +279,7 @@ public:
                         "must be at least top_pages_workspace_bytes(n)");
         detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % cuda::TopPagesLayout::align == 0, "workspace",
                         "address", "must be 256-byte aligned");
-        cuda::launch_top_pages(scores.data(), n, k, order.data(), workspace.data(), layout, cuda_stream);
+        cuda::launch_top_pages(scores.data(), heads, n, k, order.data(), workspace.data(), layout, cuda_stream);
         return k;
     }
 

@@ -7,6 +7,8 @@
 //
 // One warp per page: its two halves are two query rows at a time, sixteen threads each, one summation
 // lane per thread. The tree is four shuffles within a half, each an add of two sums the CPU also adds.
+// Grid y is the KV head of a batch: head h's bounds start h * head_stride elements after head 0's, its
+// queries are rows [h * rows, h * rows + rows), its scores follow head h - 1's.
 
 #include <cuda_runtime.h>
 
@@ -19,9 +21,13 @@
 namespace kvsparse::cuda {
 
 template <storage_type T>
-__global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int32_t pages, const float* queries,
-                                   std::int32_t rows, GqaAggregation mode, float* scores) {
+__global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int64_t head_stride, std::int32_t pages,
+                                   const float* queries, std::int32_t rows, GqaAggregation mode, float* scores) {
     constexpr unsigned all = 0xffffffffu;
+    const auto head = static_cast<std::int64_t>(blockIdx.y);
+    bounds.data += head * head_stride;
+    queries += head * rows * bounds.head_dim;
+    scores += head * pages * (mode == GqaAggregation::per_query_head ? rows : 1);
     const std::int64_t page = global_thread() / 32;
     if (page >= pages) return;  // a whole warp leaves together
     const int lane = static_cast<int>(threadIdx.x % 32);
@@ -58,10 +64,11 @@ __global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int32_t pages
 }
 
 template <storage_type T>
-void launch_page_scores(const KeyBounds<const T>& bounds, std::int32_t pages, const float* queries, std::int32_t rows,
-                        GqaAggregation mode, float* scores, cudaStream_t stream) {
-    const unsigned blocks = static_cast<unsigned>((std::int64_t{pages} * 32 + kThreads - 1) / kThreads);
-    page_scores_kernel<T><<<blocks, kThreads, 0, stream>>>(bounds, pages, queries, rows, mode, scores);
+void launch_page_scores(const KeyBounds<const T>& bounds, std::int64_t head_stride, std::int32_t heads,
+                        std::int32_t pages, const float* queries, std::int32_t rows, GqaAggregation mode, float* scores,
+                        cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>((std::int64_t{pages} * 32 + kThreads - 1) / kThreads), static_cast<unsigned>(heads));
+    page_scores_kernel<T><<<grid, kThreads, 0, stream>>>(bounds, head_stride, pages, queries, rows, mode, scores);
     check_launch("page_scores_kernel");
 }
 

@@ -4,7 +4,8 @@
 // (page_score_key, shared with the CPU); CUB's radix sort, which is stable, orders (key, index) pairs by
 // descending key, so equal keys keep their ascending indices; the first k indices are then sorted.
 // Up to kBlockTopPages scores (Quest's 2048 pages at 32K tokens) one block does it all in one launch:
-// CUB's block radix sort (stable as well), then the chosen indices in order by a block scan.
+// CUB's block radix sort (stable as well), then the chosen indices in order by a block scan; a batch of
+// heads is then one launch too, a block per head.
 
 #include <cuda_runtime.h>
 
@@ -32,6 +33,7 @@ __global__ void page_keys_kernel(const float* scores, Index n, std::uint32_t* ke
 
 template <class Index>
 __global__ void iota_kernel(Index* out, Index n) {
+    out += static_cast<std::int64_t>(blockIdx.y) * n;
     for (std::int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = static_cast<Index>(i);
 }
 
@@ -39,11 +41,14 @@ inline constexpr int kBlockTopPagesThreads = 512;
 inline constexpr int kBlockTopPagesItems = 8;  // per thread, consecutive indices
 inline constexpr std::int32_t kBlockTopPages = kBlockTopPagesThreads * kBlockTopPagesItems;
 
-/// order[0, k) for n <= kBlockTopPages in one block. Missing items get key 0, below every score's key
-/// (-inf's is 0x007fffff), and indices past n, so they sort last.
+/// order[0, k) for n <= kBlockTopPages in one block, block b for scores and order [b * n, b * n + n).
+/// Missing items get key 0, below every score's key (-inf's is 0x007fffff), and indices past n, so they
+/// sort last.
 template <class Index>
 __global__ void __launch_bounds__(kBlockTopPagesThreads) block_top_pages_kernel(const float* scores, Index n, Index k,
                                                                                Index* order) {
+    scores += static_cast<std::int64_t>(blockIdx.x) * n;
+    order += static_cast<std::int64_t>(blockIdx.x) * n;
     using Sort = cub::BlockRadixSort<std::uint32_t, kBlockTopPagesThreads, kBlockTopPagesItems, Index>;
     using Scan = cub::BlockScan<Index, kBlockTopPagesThreads>;
     __shared__ union {
@@ -103,14 +108,9 @@ struct TopPagesLayout {
     }
 };
 
-/// order[0, k) = the k best of scores[0, n) (0 < k < n), ascending; `workspace` laid out by `layout`.
-inline void launch_top_pages(const float* scores, std::int32_t n, std::int32_t k, std::int32_t* order,
-                             std::byte* workspace, const TopPagesLayout& layout, cudaStream_t stream) {
-    if (n <= kBlockTopPages) {
-        block_top_pages_kernel<<<1, kBlockTopPagesThreads, 0, stream>>>(scores, n, k, order);
-        check_launch("block_top_pages_kernel");
-        return;
-    }
+/// One head's top-k by CUB's device-wide sorts.
+inline void launch_sorted_top_pages(const float* scores, std::int32_t n, std::int32_t k, std::int32_t* order,
+                                    std::byte* workspace, const TopPagesLayout& layout, cudaStream_t stream) {
     const std::size_t array = layout.array_bytes();
     auto* keys_in = reinterpret_cast<std::uint32_t*>(workspace);
     auto* keys_out = reinterpret_cast<std::uint32_t*>(workspace + array);
@@ -127,8 +127,26 @@ inline void launch_top_pages(const float* scores, std::int32_t n, std::int32_t k
     check(cub::DeviceRadixSort::SortKeys(temp, temp_bytes, index_out, order, k, 0, 32, stream), "top_pages: index sort");
 }
 
-inline void launch_iota(std::int32_t* out, std::int32_t n, cudaStream_t stream) {
-    iota_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, n);
+/// For each of `heads` rows of n scores: order[0, k) = the k best of scores[0, n) (0 < k < n), ascending;
+/// `workspace` laid out by `layout` (used by one head after another).
+inline void launch_top_pages(const float* scores, std::int32_t heads, std::int32_t n, std::int32_t k,
+                             std::int32_t* order, std::byte* workspace, const TopPagesLayout& layout,
+                             cudaStream_t stream) {
+    if (n <= kBlockTopPages) {
+        block_top_pages_kernel<<<static_cast<unsigned>(heads), kBlockTopPagesThreads, 0, stream>>>(scores, n, k, order);
+        check_launch("block_top_pages_kernel");
+        return;
+    }
+    for (std::int32_t h = 0; h < heads; ++h) {
+        const std::int64_t offset = std::int64_t{h} * n;
+        launch_sorted_top_pages(scores + offset, n, k, order + offset, workspace, layout, stream);
+    }
+}
+
+/// out[h * n + i] = i for each of `heads` rows.
+inline void launch_iota(std::int32_t* out, std::int32_t heads, std::int32_t n, cudaStream_t stream) {
+    const dim3 grid(blocks_for(n), static_cast<unsigned>(heads));
+    iota_kernel<<<grid, kThreads, 0, stream>>>(out, n);
     check_launch("iota_kernel");
 }
 
