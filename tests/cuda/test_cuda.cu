@@ -654,12 +654,11 @@ TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
     std::mt19937 rng(9);
     const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
     for (int round = 0; round < 120; ++round) {
-        // Mostly within one block's top-k (kBlockTopPages scores); every tenth round, and the block's
-        // edge, through the device-wide sort.
-        const int edge = kvsparse::cuda::kBlockTopPages;
-        const int n = round == 0   ? edge
-                      : round == 1 ? edge + 1
-                      : round % 10 == 9 ? edge + 1 + static_cast<int>(rng() % 20000)
+        // Mostly under 3000 scores; every tenth round up to 24000, and the edges of the last pass's tiles.
+        const int tile = kvsparse::cuda::kTopPagesThreads;
+        const int n = round == 0   ? tile
+                      : round == 1 ? tile + 1
+                      : round % 10 == 9 ? 1 + static_cast<int>(rng() % 24000)
                                         : 1 + static_cast<int>(rng() % 3000);
         const int k = static_cast<int>(rng() % static_cast<unsigned>(n + 3)) - 1;  // -1 .. n + 1
         const int distinct = 1 + static_cast<int>(rng() % 8);                     // few values: many ties
@@ -674,9 +673,7 @@ TEST_CASE("top_pages selects the pages CpuBackend selects", "[cuda][quest]") {
 
         const DeviceBuffer<float> device_scores(scores);
         DeviceBuffer<std::int32_t> order(std::vector<std::int32_t>(static_cast<std::size_t>(n), -7));
-        DeviceBuffer<std::byte> workspace(CudaBackend::top_pages_workspace_bytes(n));
-        const int got_count = CudaBackend().top_pages(std::span<const float>(device_scores.span()), n, k, order.span(),
-                                                      workspace.span());
+        const int got_count = CudaBackend().top_pages(std::span<const float>(device_scores.span()), n, k, order.span());
         const std::vector<std::int32_t> got = order.download();
         CAPTURE(round, n, k);
         REQUIRE(got_count == want_count);
@@ -689,8 +686,7 @@ TEST_CASE("batch_top_pages selects each head's pages as CpuBackend does", "[cuda
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(10);
     const int heads = 5;
-    // One block per head up to kBlockTopPages scores; beyond, one device-wide sort per head.
-    for (const int n : {300, kvsparse::cuda::kBlockTopPages, kvsparse::cuda::kBlockTopPages + 700}) {
+    for (const int n : {300, 4096, 20000}) {
         for (const int k : {1, 37, n - 1}) {
             CAPTURE(n, k);
             std::vector<float> scores(static_cast<std::size_t>(heads * n));
@@ -703,9 +699,7 @@ TEST_CASE("batch_top_pages selects each head's pages as CpuBackend does", "[cuda
             }
             const DeviceBuffer<float> device_scores(scores);
             DeviceBuffer<std::int32_t> order(std::vector<std::int32_t>(scores.size(), -7));
-            DeviceBuffer<std::byte> workspace(CudaBackend::top_pages_workspace_bytes(n));
-            REQUIRE(CudaBackend().batch_top_pages(std::span<const float>(device_scores.span()), heads, n, k, order.span(),
-                                                  workspace.span()) == k);
+            REQUIRE(CudaBackend().batch_top_pages(std::span<const float>(device_scores.span()), heads, n, k, order.span()) == k);
             const std::vector<std::int32_t> got = order.download();
             for (int h = 0; h < heads; ++h) {
                 const auto at = static_cast<std::ptrdiff_t>(h * n);

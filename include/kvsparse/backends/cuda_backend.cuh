@@ -7,8 +7,8 @@
 // every span, are device memory (or memory the device can address); the host only reads span sizes.
 // Faults inside a kernel surface at the caller's next synchronization; launch failures throw
 // kvsparse::error with the CUDA error string; inconsistent sizes throw kvsparse::invalid_argument.
-// The top-k sorts with CUB, which includes cuda_fp16.h and its global `half` (CUDA's): spell out
-// kvsparse::half in translation units that include this header.
+// The kernels include cuda_fp16.h (attention widens float16 in hardware), whose global `half` is
+// CUDA's: spell out kvsparse::half in translation units that include this header.
 
 #include <cuda_runtime.h>
 
@@ -242,28 +242,18 @@ public:
                                  cuda_stream);
     }
 
-    /// Bytes of device workspace top_pages needs for n scores (batch_top_pages: the same, whatever the
-    /// number of heads). Asks CUB, which sizes its scratch for the current device: call it with a device
-    /// present.
-    static std::size_t top_pages_workspace_bytes(std::int32_t n) {
-        detail::require(n >= 0, "n", n, "must not be negative");
-        return cuda::TopPagesLayout::of(n).total();
-    }
-
     /// Top-k with the tie rule, as CpuBackend::top_pages: the `k` best of `scores[0, n)` (higher first;
     /// equal scores: the lower index wins; NaN counts as -inf) into order[0, k), ascending; returns
-    /// min(k, n) (0 for k <= 0). `order` has room for n; `workspace`: top_pages_workspace_bytes(n) bytes
-    /// of 256-byte aligned device memory.
+    /// min(k, n) (0 for k <= 0). `order` has room for n.
     std::int32_t top_pages(std::span<const float> scores, std::int32_t n, std::int32_t k, std::span<std::int32_t> order,
-                           std::span<std::byte> workspace, stream_type cuda_stream = nullptr) const {
-        return batch_top_pages(scores, 1, n, k, order, workspace, cuda_stream);
+                           stream_type cuda_stream = nullptr) const {
+        return batch_top_pages(scores, 1, n, k, order, cuda_stream);
     }
 
-    /// top_pages of `heads` rows of scores, [heads][n], into order [heads][n] (row h's k pages first);
-    /// one launch for all heads up to 4096 scores each. Returns min(k, n) (0 for k <= 0).
+    /// top_pages of `heads` rows of scores, [heads][n], into order [heads][n] (row h's k pages first), in
+    /// one launch (a block per row). Returns min(k, n) (0 for k <= 0).
     std::int32_t batch_top_pages(std::span<const float> scores, std::int32_t heads, std::int32_t n, std::int32_t k,
-                                 std::span<std::int32_t> order, std::span<std::byte> workspace,
-                                 stream_type cuda_stream = nullptr) const {
+                                 std::span<std::int32_t> order, stream_type cuda_stream = nullptr) const {
         detail::require(heads >= 0, "heads", heads, "must not be negative");
         detail::require(n >= 0 && scores.size() >= static_cast<std::size_t>(heads) * static_cast<std::size_t>(n), "n", n,
                         "must be in [0, scores.size() / heads]");
@@ -274,12 +264,7 @@ public:
             cuda::launch_iota(order.data(), heads, n, cuda_stream);
             return n;
         }
-        const cuda::TopPagesLayout layout = cuda::TopPagesLayout::of(n);
-        detail::require(workspace.size() >= layout.total(), "workspace.size()", workspace.size(),
-                        "must be at least top_pages_workspace_bytes(n)");
-        detail::require(reinterpret_cast<std::uintptr_t>(workspace.data()) % cuda::TopPagesLayout::align == 0, "workspace",
-                        "address", "must be 256-byte aligned");
-        cuda::launch_top_pages(scores.data(), heads, n, k, order.data(), workspace.data(), layout, cuda_stream);
+        cuda::launch_top_pages(scores.data(), heads, n, k, order.data(), cuda_stream);
         return k;
     }
 
