@@ -598,14 +598,16 @@ TEMPLATE_TEST_CASE("batch_page_scores equal one page_scores per head", "[cuda][q
     SKIP_WITHOUT_DEVICE();
     std::mt19937 rng(6);
     const int heads = 3, pages = 29, dim = 64, rows = 4, stride_pages = 31;  // heads' bounds 31 pages apart
-    for (const auto mode : {kvsparse::GqaAggregation::max, kvsparse::GqaAggregation::per_query_head}) {
-        CAPTURE(static_cast<int>(mode));
+    // A head stride of whole pages (16-byte loads), or one element more (element loads).
+    for (const auto& [mode, extra] : {std::pair{kvsparse::GqaAggregation::max, 0}, std::pair{kvsparse::GqaAggregation::per_query_head, 0},
+                                     std::pair{kvsparse::GqaAggregation::max, 1}}) {
+        CAPTURE(static_cast<int>(mode), extra);
         std::vector<TestType> data;
-        const auto all = test_inputs::random_bounds(data, heads * stride_pages, dim, rng);
+        const auto all = test_inputs::random_bounds(data, heads * stride_pages + 1, dim, rng);
         const std::vector<float> q = test_inputs::random_queries(heads * rows, dim, rng);
         const std::size_t per_head = static_cast<std::size_t>(pages) * (mode == kvsparse::GqaAggregation::per_query_head ? rows : 1);
         std::vector<float> want(heads * per_head, -1.0f);
-        const std::int64_t head_stride = std::int64_t{stride_pages} * all.page_stride;
+        const std::int64_t head_stride = std::int64_t{stride_pages} * all.page_stride + extra;
         for (int h = 0; h < heads; ++h) {
             auto head_bounds = all;
             head_bounds.data += h * head_stride;

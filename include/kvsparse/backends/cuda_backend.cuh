@@ -230,6 +230,8 @@ public:
         detail::require(head_stride >= 0, "head_stride", head_stride, "must not be negative");
         detail::require(pages >= 0 && pages <= bounds.pages, "pages", pages, "must be in [0, bounds.pages]");
         detail::require(rows >= 1, "rows", rows, "must be at least 1");
+        detail::require(bounds.head_dim >= 0 && cuda::page_scores_shared_bytes<std::remove_const_t<T>>(bounds.head_dim) <= 48 * 1024,
+                        "bounds.head_dim", bounds.head_dim, "too large for page_scores' shared memory");
         const auto h = static_cast<std::size_t>(heads);
         detail::require(queries.size() == h * static_cast<std::size_t>(rows) * static_cast<std::size_t>(bounds.head_dim),
                         "queries.size()", queries.size(), "must be heads * rows * bounds.head_dim");

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kvsparse/cuda/common.cuh"
@@ -20,21 +21,50 @@
 
 namespace kvsparse::cuda {
 
+inline constexpr int kPageScoresWarps = kThreads / 32;  // pages per block
+
+/// Shared memory of one block: its pages' bounds.
 template <storage_type T>
+constexpr std::size_t page_scores_shared_bytes(std::int32_t head_dim) {
+    return std::size_t{kPageScoresWarps} * 2 * static_cast<std::size_t>(head_dim) * sizeof(T);
+}
+
+/// Block: kPageScoresWarps consecutive pages, their bounds first copied to shared memory by the whole
+/// block (16 bytes a thread where `Wide`), so that the reads are few and all in flight at once.
+template <storage_type T, bool Wide>
 __global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int64_t head_stride, std::int32_t pages,
                                    const float* queries, std::int32_t rows, GqaAggregation mode, float* scores) {
     constexpr unsigned all = 0xffffffffu;
+    extern __shared__ __align__(16) unsigned char staged_bytes[];
+    T* staged = reinterpret_cast<T*>(staged_bytes);  // [warps][2][dim]: kmin, kmax
     const auto head = static_cast<std::int64_t>(blockIdx.y);
     bounds.data += head * head_stride;
     queries += head * rows * bounds.head_dim;
     scores += head * pages * (mode == GqaAggregation::per_query_head ? rows : 1);
-    const std::int64_t page = global_thread() / 32;
-    if (page >= pages) return;  // a whole warp leaves together
+    const std::int32_t dim = bounds.head_dim;
+    const std::int32_t first = static_cast<std::int32_t>(blockIdx.x) * kPageScoresWarps;
+    const std::int32_t here = min(kPageScoresWarps, pages - first);
+    constexpr int width = Wide ? 16 / static_cast<int>(sizeof(T)) : 1;
+    const std::int32_t per_page = 2 * dim / width;
+    for (std::int32_t i = static_cast<std::int32_t>(threadIdx.x); i < here * per_page; i += kThreads) {
+        const std::int32_t p = i / per_page, e = (i - p * per_page) * width;
+        const T* from = bounds.kmin(first + p) + e;  // kmax follows kmin
+        T* to = staged + static_cast<std::int64_t>(p) * 2 * dim + e;
+        if constexpr (Wide) {
+            *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+        } else {
+            *to = *from;
+        }
+    }
+    __syncthreads();
+
+    const int warp = static_cast<int>(threadIdx.x / 32);
+    if (warp >= here) return;  // a whole warp leaves together
+    const std::int32_t page = first + warp;
     const int lane = static_cast<int>(threadIdx.x % 32);
     const int half = lane / 16, j = lane % 16;
-    const std::int32_t dim = bounds.head_dim;
-    const T* kmin = bounds.kmin(static_cast<std::int32_t>(page));
-    const T* kmax = bounds.kmax(static_cast<std::int32_t>(page));
+    const T* kmin = staged + static_cast<std::int64_t>(warp) * 2 * dim;
+    const T* kmax = kmin + dim;
     float aggregate = mode == GqaAggregation::sum ? 0.0f : -INFINITY;
     for (std::int32_t r0 = 0; r0 < rows; r0 += 2) {
         const std::int32_t r = r0 + half;
@@ -67,8 +97,17 @@ template <storage_type T>
 void launch_page_scores(const KeyBounds<const T>& bounds, std::int64_t head_stride, std::int32_t heads,
                         std::int32_t pages, const float* queries, std::int32_t rows, GqaAggregation mode, float* scores,
                         cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>((std::int64_t{pages} * 32 + kThreads - 1) / kThreads), static_cast<unsigned>(heads));
-    page_scores_kernel<T><<<grid, kThreads, 0, stream>>>(bounds, head_stride, pages, queries, rows, mode, scores);
+    const dim3 grid(static_cast<unsigned>((pages + kPageScoresWarps - 1) / kPageScoresWarps), static_cast<unsigned>(heads));
+    const std::size_t shared = page_scores_shared_bytes<T>(bounds.head_dim);
+    // A page's kmin and kmax are adjacent (KeyBounds::kmax), so a page is one run of 2 * head_dim.
+    constexpr auto width = static_cast<std::int64_t>(16 / sizeof(T));
+    const bool wide = aligned_for(bounds.data, width) && bounds.page_stride % width == 0 &&
+                      (2 * std::int64_t{bounds.head_dim}) % width == 0 && head_stride % width == 0;
+    if (wide) {
+        page_scores_kernel<T, true><<<grid, kThreads, shared, stream>>>(bounds, head_stride, pages, queries, rows, mode, scores);
+    } else {
+        page_scores_kernel<T, false><<<grid, kThreads, shared, stream>>>(bounds, head_stride, pages, queries, rows, mode, scores);
+    }
     check_launch("page_scores_kernel");
 }
 

@@ -4,7 +4,7 @@
 // head), any length, no workspace: a radix select, as on the CPU. Scores become order-preserving keys
 // (page_score_key, shared with the CPU); four passes over the row, one per 8-bit digit from the top,
 // histogram the keys that still match the digits chosen so far and pick the digit holding the k-th
-// largest key. That leaves the k-th key itself, T, and how many of the keys equal to T are taken. A last
+// largest key (a block scan over the histogram). That leaves the k-th key itself, T, and how many of the keys equal to T are taken. A last
 // pass in index order, a tile of the row at a time, takes every key above T and the first of those equal
 // to it; block scans give each taken page its place, so the pages come out ascending.
 
@@ -53,11 +53,14 @@ __global__ void __launch_bounds__(kTopPagesThreads) top_pages_kernel(const float
             }
         }
         __syncthreads();
-        if (tid == 0) {
-            Index above = 0;  // matching keys with a larger digit
-            int digit = 255;
-            for (; digit > 0 && above + histogram[digit] < still_needed; --digit) above += histogram[digit];
-            prefix_shared = prefix | (static_cast<std::uint32_t>(digit) << shift);
+        // Thread t < 256 holds digit 255 - t: after a scan, `above` counts the matching keys with a larger
+        // digit, and the thread whose digit holds the still_needed-th key is the one with above <
+        // still_needed <= above + its count.
+        const Index count = tid < 256 ? histogram[255 - tid] : Index{0};
+        Index above = 0;
+        Scan(scan).ExclusiveSum(count, above);
+        if (tid < 256 && above < still_needed && still_needed <= above + count) {
+            prefix_shared = prefix | (static_cast<std::uint32_t>(255 - tid) << shift);
             still_needed_shared = still_needed - above;
         }
         __syncthreads();
