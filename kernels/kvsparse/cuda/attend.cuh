@@ -136,11 +136,7 @@ template <int V, storage_type T>
 __device__ inline Floats<V> load_widened(const T* p) {
     Floats<V> f;
     if constexpr (V == 1) {
-        if constexpr (std::is_same_v<T, half>) {
-            f.x[0] = __half2float(__ushort_as_half(p->bits));
-        } else {
-            f.x[0] = to_float(*p);
-        }
+        f.x[0] = widen(*p);
     } else if constexpr (std::is_same_v<T, float>) {
         static_assert(V == 4);
         f = load_floats<4>(p);
@@ -210,15 +206,15 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
             const T* k = stream.key(p.slots[first + row]);
             const std::int32_t a = rope_first(p.rope.style, pair);
             const std::int32_t b = rope_second(p.rope.style, pair, p.dim);
-            float xa = to_float(k[a]);
-            float xb = to_float(k[b]);
+            float xa = widen(k[a]);
+            float xb = widen(k[b]);
             rope_apply(xa, xb, rope_turn(pair, p.dim, p.key_rotation[first + row], p.rope.theta));
             turned[row * p.dim + a] = xa;
             turned[row * p.dim + b] = xb;
         }
         if (p.dim % 2 != 0) {  // an odd last element stays as it is
             for (int row = tid; row < count; row += kAttendThreads) {
-                turned[row * p.dim + p.dim - 1] = to_float(stream.key(p.slots[first + row])[p.dim - 1]);
+                turned[row * p.dim + p.dim - 1] = widen(stream.key(p.slots[first + row])[p.dim - 1]);
             }
         }
     }

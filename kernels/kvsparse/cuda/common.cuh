@@ -2,6 +2,7 @@
 // Shared pieces of the CUDA kernels: error checks, grid sizing, vector loads and stores, and the two
 // ways a launch finds its KV heads (one StreamView, or a batch of heads in one pool).
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -80,6 +81,16 @@ template <storage_type T>
 bool pool_aligned_for(const PagePoolView<T>& pool, std::int64_t width) {
     return aligned_for(pool.data, width) && pool.page_stride % width == 0 && pool.token_stride % width == 0 &&
            pool.head_stride % width == 0 && pool.head_dim % width == 0;
+}
+
+/// to_float on the device, float16 in hardware: widening is exact, so the value is to_float's.
+template <storage_type T>
+__device__ inline float widen(T x) {
+    if constexpr (std::is_same_v<T, half>) {
+        return __half2float(__ushort_as_half(x.bits));
+    } else {
+        return to_float(x);
+    }
 }
 
 // ---- V consecutive elements as floats: V is 4 (one 16-byte float load, one 16- or 8-byte store) or 1 ----

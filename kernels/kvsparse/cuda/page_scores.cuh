@@ -71,7 +71,7 @@ __global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int64_t head_
         float acc = 0.0f;
         if (r < rows) {
             const float* q = queries + static_cast<std::int64_t>(r) * dim;
-            for (std::int32_t d = j; d < dim; d += 16) acc = page_score_add(acc, q[d], to_float(kmin[d]), to_float(kmax[d]));
+            for (std::int32_t d = j; d < dim; d += 16) acc = page_score_add(acc, q[d], widen(kmin[d]), widen(kmax[d]));
         }
         acc += __shfl_down_sync(all, acc, 8, 16);  // h_j = l_j + l_(j+8)
         acc += __shfl_down_sync(all, acc, 1, 16);  // h0 + h1, h2 + h3, ...

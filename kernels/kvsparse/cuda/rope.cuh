@@ -81,8 +81,8 @@ __global__ void shift_kernel(Heads heads, std::int32_t num_heads, const std::int
         T* key = heads.stream(h).key(slots[shared_slots ? k : r]);
         const std::int32_t a = rope_first(rope.style, pair);
         const std::int32_t b = rope_second(rope.style, pair, dim);
-        float xa = to_float(key[a]);
-        float xb = to_float(key[b]);
+        float xa = widen(key[a]);
+        float xb = widen(key[b]);
         rope_apply(xa, xb, RopeTurn{turns[pair].x, turns[pair].y});
         key[a] = from_float<T>(xa);
         key[b] = from_float<T>(xb);
