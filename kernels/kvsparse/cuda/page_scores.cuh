@@ -5,8 +5,8 @@
 // of d; lanes j and j + 8 are added; the eight sums are combined as ((h0 + h1) + (h2 + h3)) + ((h4 + h5)
 // + (h6 + h7)); the rows aggregate in row order.
 //
-// One warp per page: its two halves are two query rows at a time, sixteen threads each, one summation
-// lane per thread. The tree is four shuffles within a half, each an add of two sums the CPU also adds.
+// Half a warp per page, one summation lane per thread, up to four query rows at once (each bound is widened
+// once for them). The tree is four shuffles within the half, each an add of two sums the CPU also adds.
 // Grid y is the KV head of a batch: head h's bounds start h * head_stride elements after head 0's, its
 // queries are rows [h * rows, h * rows + rows), its scores follow head h - 1's.
 
@@ -21,29 +21,30 @@
 
 namespace kvsparse::cuda {
 
-inline constexpr int kPageScoresWarps = kThreads / 32;  // pages per block
+inline constexpr int kPageScoresPages = kThreads / 16;  // pages per block, one per half-warp
+inline constexpr int kPageScoresRows = 4;                // query rows a lane sums at once
 
 /// Shared memory of one block: its pages' bounds.
 template <storage_type T>
 constexpr std::size_t page_scores_shared_bytes(std::int32_t head_dim) {
-    return std::size_t{kPageScoresWarps} * 2 * static_cast<std::size_t>(head_dim) * sizeof(T);
+    return std::size_t{kPageScoresPages} * 2 * static_cast<std::size_t>(head_dim) * sizeof(T);
 }
 
-/// Block: kPageScoresWarps consecutive pages, their bounds first copied to shared memory by the whole
+/// Block: kPageScoresPages consecutive pages, their bounds first copied to shared memory by the whole
 /// block (16 bytes a thread where `Wide`), so that the reads are few and all in flight at once.
 template <storage_type T, bool Wide>
 __global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int64_t head_stride, std::int32_t pages,
                                    const float* queries, std::int32_t rows, GqaAggregation mode, float* scores) {
     constexpr unsigned all = 0xffffffffu;
     extern __shared__ __align__(16) unsigned char staged_bytes[];
-    T* staged = reinterpret_cast<T*>(staged_bytes);  // [warps][2][dim]: kmin, kmax
+    T* staged = reinterpret_cast<T*>(staged_bytes);  // [pages][2][dim]: kmin, kmax
     const auto head = static_cast<std::int64_t>(blockIdx.y);
     bounds.data += head * head_stride;
     queries += head * rows * bounds.head_dim;
     scores += head * pages * (mode == GqaAggregation::per_query_head ? rows : 1);
     const std::int32_t dim = bounds.head_dim;
-    const std::int32_t first = static_cast<std::int32_t>(blockIdx.x) * kPageScoresWarps;
-    const std::int32_t here = min(kPageScoresWarps, pages - first);
+    const std::int32_t first = static_cast<std::int32_t>(blockIdx.x) * kPageScoresPages;
+    const std::int32_t here = min(kPageScoresPages, pages - first);
     constexpr int width = Wide ? 16 / static_cast<int>(sizeof(T)) : 1;
     const std::int32_t per_page = 2 * dim / width;
     for (std::int32_t i = static_cast<std::int32_t>(threadIdx.x); i < here * per_page; i += kThreads) {
@@ -58,46 +59,48 @@ __global__ void page_scores_kernel(KeyBounds<const T> bounds, std::int64_t head_
     }
     __syncthreads();
 
-    const int warp = static_cast<int>(threadIdx.x / 32);
-    if (warp >= here) return;  // a whole warp leaves together
-    const std::int32_t page = first + warp;
-    const int lane = static_cast<int>(threadIdx.x % 32);
-    const int half = lane / 16, j = lane % 16;
-    const T* kmin = staged + static_cast<std::int64_t>(warp) * 2 * dim;
+    const int local = static_cast<int>(threadIdx.x / 16);  // this half-warp's page in the block
+    const bool mine = local < here;  // a half past the last page still takes part in the shuffles
+    const std::int32_t page = first + local;
+    const int j = static_cast<int>(threadIdx.x % 16);
+    const T* kmin = staged + static_cast<std::int64_t>(mine ? local : 0) * 2 * dim;
     const T* kmax = kmin + dim;
     float aggregate = mode == GqaAggregation::sum ? 0.0f : -INFINITY;
-    for (std::int32_t r0 = 0; r0 < rows; r0 += 2) {
-        const std::int32_t r = r0 + half;
-        float acc = 0.0f;
-        if (r < rows) {
-            const float* q = queries + static_cast<std::int64_t>(r) * dim;
-            for (std::int32_t d = j; d < dim; d += 16) acc = page_score_add(acc, q[d], widen(kmin[d]), widen(kmax[d]));
+    for (std::int32_t r0 = 0; r0 < rows; r0 += kPageScoresRows) {
+        float acc[kPageScoresRows] = {};
+        if (mine) {
+            for (std::int32_t d = j; d < dim; d += 16) {
+                const float lo = widen(kmin[d]), hi = widen(kmax[d]);
+                for (int i = 0; i < kPageScoresRows; ++i) {
+                    if (r0 + i < rows) acc[i] = page_score_add(acc[i], queries[static_cast<std::int64_t>(r0 + i) * dim + d], lo, hi);
+                }
+            }
         }
-        acc += __shfl_down_sync(all, acc, 8, 16);  // h_j = l_j + l_(j+8)
-        acc += __shfl_down_sync(all, acc, 1, 16);  // h0 + h1, h2 + h3, ...
-        acc += __shfl_down_sync(all, acc, 2, 16);  // (h0 + h1) + (h2 + h3), (h4 + h5) + (h6 + h7)
-        acc += __shfl_down_sync(all, acc, 4, 16);  // the whole tree, in lane 0 of each half
-        const float second = __shfl_sync(all, acc, 16);
-        if (lane != 0) continue;
-        for (int i = 0; i < 2 && r0 + i < rows; ++i) {
-            const float u = i == 0 ? acc : second;
+        for (int i = 0; i < kPageScoresRows; ++i) {
+            acc[i] += __shfl_down_sync(all, acc[i], 8, 16);  // h_j = l_j + l_(j+8)
+            acc[i] += __shfl_down_sync(all, acc[i], 1, 16);  // h0 + h1, h2 + h3, ...
+            acc[i] += __shfl_down_sync(all, acc[i], 2, 16);  // (h0 + h1) + (h2 + h3), (h4 + h5) + (h6 + h7)
+            acc[i] += __shfl_down_sync(all, acc[i], 4, 16);  // the whole tree, in lane 0 of the half
+        }
+        if (j != 0 || !mine) continue;
+        for (int i = 0; i < kPageScoresRows && r0 + i < rows; ++i) {
             if (mode == GqaAggregation::per_query_head) {
-                scores[static_cast<std::int64_t>(r0 + i) * pages + page] = u;
+                scores[static_cast<std::int64_t>(r0 + i) * pages + page] = acc[i];
             } else if (mode == GqaAggregation::sum) {
-                aggregate += u;
+                aggregate += acc[i];
             } else {
-                aggregate = u > aggregate ? u : aggregate;
+                aggregate = acc[i] > aggregate ? acc[i] : aggregate;
             }
         }
     }
-    if (lane == 0 && mode != GqaAggregation::per_query_head) scores[page] = aggregate;
+    if (j == 0 && mine && mode != GqaAggregation::per_query_head) scores[page] = aggregate;
 }
 
 template <storage_type T>
 void launch_page_scores(const KeyBounds<const T>& bounds, std::int64_t head_stride, std::int32_t heads,
                         std::int32_t pages, const float* queries, std::int32_t rows, GqaAggregation mode, float* scores,
                         cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>((pages + kPageScoresWarps - 1) / kPageScoresWarps), static_cast<unsigned>(heads));
+    const dim3 grid(static_cast<unsigned>((pages + kPageScoresPages - 1) / kPageScoresPages), static_cast<unsigned>(heads));
     const std::size_t shared = page_scores_shared_bytes<T>(bounds.head_dim);
     // A page's kmin and kmax are adjacent (KeyBounds::kmax), so a page is one run of 2 * head_dim.
     constexpr auto width = static_cast<std::int64_t>(16 / sizeof(T));
