@@ -7,10 +7,11 @@
 //  - vector code (detail/cpu_attention_simd.inc), written once over vector traits and compiled for
 //    AVX-512F (head_dim % 16 == 0) and for AVX2 + FMA + F16C (head_dim % 8 == 0): float16 and bfloat16
 //    rows are widened in registers (vcvtph2ps, or a 16-bit shift), dot products run eight accumulators
-//    wide (two keys times four query heads; sixteen, four keys, with AVX-512 and groups of four), the exponentials are a vectorized polynomial, and the value
-//    pass keeps a block of rows in L1 while it walks the head dimension with the strips of four heads in
-//    registers. Key rows 4 KiB ahead are prefetched; value rows two blocks ahead, one
-//    row asked for with each row used (a burst of a whole block's prefetches stalled the value pass). A header cannot choose the compiler's -march, so these
+//    wide (two keys times four query heads; sixteen, four keys, with AVX-512 and groups of four), the
+//    exponentials are a vectorized polynomial, and the value pass keeps a block of rows in L1 while it
+//    walks the head dimension with the strips of four heads in registers. Key rows 4 KiB ahead are
+//    prefetched; value rows two blocks ahead, one row asked for with each row used (a burst of a whole
+//    block's prefetches stalled the value pass). A header cannot choose the compiler's -march, so these
 //    functions carry their own target attributes and are only entered when the CPU has the features.
 //  - portable C++ everywhere else (and under nvcc): the same steps as plain loops that GCC and clang
 //    vectorize with the baseline instruction set, a branch-free float16 widening included.
