@@ -195,7 +195,8 @@ TEMPLATE_TEST_CASE("CpuBackend::attend matches a double reference on every path 
     std::uint32_t seed = 1;
     for (const int dim : {8, 12, 16, 24, 40, 128, 136}) {
         for (const int group : {1, 2, 3, 4, 5, 8}) {
-            for (const int n : {1, 2, 3, 17, 100}) check_case<TestType>({dim, group, n, 16, false}, seed++);
+            // 700: three chunks of the vector paths (kAttendChunk keys), the maximum moving between them.
+            for (const int n : {1, 2, 3, 17, 100, 700}) check_case<TestType>({dim, group, n, 16, false}, seed++);
         }
     }
     for (const int page_size : {1, 12, 16, 64}) check_case<TestType>({128, 4, 1000, page_size, false}, seed++);

@@ -27,10 +27,6 @@
 #include <span>
 #include <type_traits>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
-#endif
-
 #include "kvsparse/concepts.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/rope.hpp"
@@ -101,22 +97,10 @@ inline void prefetch_row(const T* row, std::size_t bytes) {
 /// costs nothing measurable.
 inline std::size_t prefetch_rows(std::size_t row_bytes) { return std::max<std::size_t>(4, 4096 / row_bytes); }
 
-/// Bytes of this core's L2 cache (sysconf where the C library knows it, else 1 MiB), asked once.
-inline std::size_t l2_bytes() {
-    static const std::size_t bytes = [] {
-        long reported = 0;
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-        reported = ::sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-        return reported > 0 ? static_cast<std::size_t>(reported) : std::size_t{1} << 20;
-    }();
-    return bytes;
-}
-
-/// Whether the score pass also fetches the value rows (into L2) while it reads the keys: when the set's
-/// values fit in half the L2, the value pass then finds them there, and the two streams of scattered
-/// pages overlap (Quest's selected pages: 10-15% faster). For larger sets they would be evicted again.
-inline bool prefetch_values_early(std::size_t n, std::size_t row_bytes) { return n * row_bytes <= l2_bytes() / 2; }
+/// Keys per chunk of the vector paths: scores, then weights, then values, a chunk at a time. While the
+/// score pass reads a chunk's keys it also asks for the chunk's value rows (into L2, where 256 rows fit
+/// many times), so the two streams of scattered pages overlap and the value pass finds its rows there.
+inline constexpr std::size_t kAttendChunk = 256;
 
 
 // ---- scalar pieces shared by both paths ----------------------------------------------------------------
@@ -213,17 +197,28 @@ struct Turns {
     }
 };
 
-/// The scratch of one call, carved from the caller's workspace (CpuBackend::workspace_bytes).
+/// Floats of scratch one call needs (CpuBackend::workspace_bytes).
+inline std::size_t scratch_floats(std::size_t group, std::size_t n, std::size_t dim) {
+    return group * (n + kAttendChunk + 2) + 2 * dim;
+}
+
+/// The scratch of one call, carved from the caller's workspace (scratch_floats floats).
 struct Scratch {
-    float* scores;  // [group][n]
-    float* key;     // [dim]
+    float* scores;   // [group][n]: scaled scores; the probabilities, where the call asks for them
+    float* weights;  // [group][kAttendChunk]: a chunk's exponentials (vector paths)
+    float* top;      // [group]: running maximum of the scores (vector paths)
+    float* sum;      // [group]: running sum of the exponentials, relative to top (vector paths)
+    float* key;      // [dim]
     Turns turns;
 };
 
 inline Scratch carve(std::span<std::byte> workspace, std::size_t group, std::size_t n, std::size_t dim) {
     float* scores = reinterpret_cast<float*>(workspace.data());
-    float* key = scores + group * n;
-    return Scratch{scores, key, Turns{key + dim, key + dim + dim / 2}};
+    float* weights = scores + group * n;
+    float* top = weights + group * kAttendChunk;
+    float* sum = top + group;
+    float* key = sum + group;
+    return Scratch{scores, weights, top, sum, key, Turns{key + dim, key + dim + dim / 2}};
 }
 
 /// ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)): the fixed tree every eight-lane sum of the portable
@@ -480,8 +475,9 @@ using V = Avx512;
 /// The kernels, widest first. attend takes the widest this CPU runs for the call's shape; tests ask each.
 enum class Isa : std::uint8_t { avx512, avx2, portable };
 
-/// Runs one call's passes (scores, softmax, values into a zeroed a.out) with `isa`; false, doing nothing,
-/// where this CPU or the call's shape cannot (AVX2: head_dim % 8 == 0; AVX-512: head_dim % 16 == 0).
+/// Runs one call (scores, softmax, values into a zeroed a.out; the probabilities left in scratch.scores
+/// where a.probabilities asks for them) with `isa`; false, doing nothing, where this CPU or the call's
+/// shape cannot (AVX2: head_dim % 8 == 0; AVX-512: head_dim % 16 == 0).
 template <storage_type T>
 bool attend_with(Isa isa, const AttendArgs<T>& a, Scratch s) {
     [[maybe_unused]] const std::size_t dim = static_cast<std::size_t>(a.stream.keys.head_dim);
