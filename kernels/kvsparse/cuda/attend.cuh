@@ -6,10 +6,9 @@
 // probabilities are wanted, the raw scores stay in the workspace and a third kernel turns them into the
 // group's summed probabilities once the global max and sum are known.
 //
-// Decode reads each key and value row once, so the kernel is about keeping many row loads in flight: a
-// block first issues the copies of all its chunk's key and value rows into shared memory (cp.async, 16
-// bytes a copy, where rows are aligned for it), then scores the keys as soon as they have arrived while
-// the values are still on their way. Half a warp takes one row at a time, 16 bytes a lane.
+// Decode reads each key and value row once, so the kernel is about keeping many row loads in flight:
+// half a warp reads one row in 16-byte pieces, and each half-warp issues all eight of its rows' loads
+// before it uses any (a chunk is eight rows for each of the block's eight half-warps).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,7 +29,7 @@ inline constexpr int kAttendThreads = 128;                   // 4 warps, 8 half-
 inline constexpr int kAttendWarps = kAttendThreads / 32;
 inline constexpr int kRowLanes = 16;                         // lanes that share one row
 inline constexpr int kRowGroups = kAttendThreads / kRowLanes;
-inline constexpr int kRowsPerGroup = 8;                      // rows per half-warp in a chunk
+inline constexpr int kRowsPerGroup = 8;                      // rows whose loads one half-warp keeps in flight
 inline constexpr std::int32_t kAttendChunk = kRowGroups * kRowsPerGroup;  // slots per block: 64
 inline constexpr int kHeadTile = 4;                          // query heads a thread accumulates at once
 inline constexpr int kMergeThreads = 1024;                   // 32 warps over the chunks, one 32-element slice
@@ -109,38 +108,12 @@ __device__ AttendParams<T, Streams> AttendParams<T, Streams>::at_head(std::int32
 template <storage_type T>
 inline constexpr int kVectorWidth = 16 / static_cast<int>(sizeof(T));
 
-/// Dynamic shared memory of the chunk kernel: the group's queries and the chunk's weights per head
-/// (floats), the chunk's keys (turned, as floats, when `rotate`; else as stored) and its values as stored.
-template <storage_type T>
+/// Dynamic shared memory of the chunk kernel: the group's queries, the chunk's weights per head, and,
+/// when keys are turned first, the chunk's turned keys.
 constexpr std::size_t attend_shared_bytes(std::int32_t group, std::int32_t dim, bool rotate) {
     const auto g = static_cast<std::size_t>(group);
     const auto d = static_cast<std::size_t>(dim);
-    const std::size_t rows = kAttendChunk * d;
-    return (g * d + g * kAttendChunk) * sizeof(float) + rows * (rotate ? sizeof(float) : sizeof(T)) + rows * sizeof(T);
-}
-
-/// Starts a 16-byte copy from global to shared memory: sm_80's cp.async (through L2 only), or a plain
-/// load and store on older devices.
-__device__ inline void copy_async16(void* to_shared, const void* from_global) {
-#if __CUDA_ARCH__ >= 800
-    const auto address = static_cast<unsigned>(__cvta_generic_to_shared(to_shared));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(from_global));
-#else
-    *static_cast<uint4*>(to_shared) = *static_cast<const uint4*>(from_global);
-#endif
-}
-/// Closes a group of this thread's copies.
-__device__ inline void copy_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;");
-#endif
-}
-/// Waits until at most `Pending` committed groups of this thread's copies are still in flight.
-template <int Pending>
-__device__ inline void copy_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(Pending));
-#endif
+    return (g * d + g * kAttendChunk + (rotate ? kAttendChunk * d : 0)) * sizeof(float);
 }
 
 __device__ inline float warp_sum(float x) {
@@ -191,34 +164,15 @@ __device__ inline Floats<V> load_widened(const T* p) {
 /// output: each lane sums its rows' weighted values, then the half-warps meet by a shuffle and through
 /// shared memory in a fixed order. With key rotation the chunk's keys are first turned into shared
 /// memory (rope_rotate's math, bit for bit) and read from there.
-/// Copies rows [0, count) of the chunk (row pointers in `rows`) into `to` ([chunk][dim]), 16 bytes a copy
-/// in flight where V > 1, else element by element.
-template <int V, storage_type T>
-__device__ inline void stage_rows(T* to, const T* const* rows, std::int32_t count, std::int32_t dim) {
-    const std::int32_t pieces = dim / V;  // per row
-    for (std::int32_t i = static_cast<std::int32_t>(threadIdx.x); i < count * pieces; i += kAttendThreads) {
-        const std::int32_t row = i / pieces, at = (i - row * pieces) * V;
-        if constexpr (V > 1) {
-            copy_async16(to + row * dim + at, rows[row] + at);
-        } else {
-            to[row * dim + at] = rows[row][at];
-        }
-    }
-}
-
 template <storage_type T, class Streams, int V, bool Rotate>
 __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendParams<T, Streams> batch) {
-    const auto head = static_cast<std::int32_t>(blockIdx.y);
-    const StreamView<T> stream = batch.streams.stream(head);
-    const AttendParams<T, Streams> p = batch.at_head(head);
+    const auto h = static_cast<std::int32_t>(blockIdx.y);
+    const StreamView<T> stream = batch.streams.stream(h);
+    const AttendParams<T, Streams> p = batch.at_head(h);
     extern __shared__ __align__(16) float shared[];
     float* q = shared;                              // [group][dim]
     float* weight = q + p.group * p.dim;            // [group][chunk]
     float* turned = weight + p.group * kAttendChunk;  // [chunk][dim], when Rotate
-    T* keys = reinterpret_cast<T*>(turned);         // [chunk][dim], when not
-    T* values = Rotate ? reinterpret_cast<T*>(turned + kAttendChunk * p.dim) : keys + kAttendChunk * p.dim;
-    __shared__ const T* key_rows[kAttendChunk];
-    __shared__ const T* value_rows[kAttendChunk];
     __shared__ float partial[kAttendWarps][kHeadTile][kRowLanes * V];
 
     const std::int32_t chunk = static_cast<std::int32_t>(blockIdx.x);
@@ -229,24 +183,27 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
     const int row_group = tid / kRowLanes;
     const int warp = tid / 32;
 
-    if (tid < count) {
-        const std::int32_t slot = p.slots[first + tid];
-        key_rows[tid] = stream.key(slot);
-        value_rows[tid] = stream.value(slot);
-    }
-    __syncthreads();
-    // Every row of the chunk is asked for before any is used: keys (one group of copies), then values.
-    if constexpr (!Rotate) stage_rows<V>(keys, key_rows, count, p.dim);
-    copy_async_commit();
-    stage_rows<V>(values, value_rows, count, p.dim);
-    copy_async_commit();
     for (int i = tid; i < p.group * p.dim; i += kAttendThreads) q[i] = p.queries[i];
+
+    // This lane's rows: slot lookups first, so that the loads below do not wait on each other.
+    const T* key_rows[kRowsPerGroup];
+    const T* value_rows[kRowsPerGroup];
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+        const int row = u * kRowGroups + row_group;
+        const std::int32_t slot = p.slots[first + min(row, count - 1)];  // past the end: a valid row, unused
+        key_rows[u] = stream.key(slot);
+        value_rows[u] = stream.value(slot);
+    }
+    // The values are read only after the scores: ask for them now, so that they wait in L2.
+    for (std::int32_t d = lane * V; d < p.dim; d += kRowLanes * V) {
+        for (int u = 0; u < kRowsPerGroup; ++u) asm volatile("prefetch.global.L2 [%0];" ::"l"(value_rows[u] + d));
+    }
     if constexpr (Rotate) {
         const std::int32_t pairs = p.dim / 2;
         for (int i = tid; i < count * pairs; i += kAttendThreads) {
             const int row = i / pairs;
             const std::int32_t pair = i - row * pairs;
-            const T* k = key_rows[row];
+            const T* k = stream.key(p.slots[first + row]);
             const std::int32_t a = rope_first(p.rope.style, pair);
             const std::int32_t b = rope_second(p.rope.style, pair, p.dim);
             float xa = widen(k[a]);
@@ -256,11 +213,12 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
             turned[row * p.dim + b] = xb;
         }
         if (p.dim % 2 != 0) {  // an odd last element stays as it is
-            for (int row = tid; row < count; row += kAttendThreads) turned[row * p.dim + p.dim - 1] = widen(key_rows[row][p.dim - 1]);
+            for (int row = tid; row < count; row += kAttendThreads) {
+                turned[row * p.dim + p.dim - 1] = widen(stream.key(p.slots[first + row])[p.dim - 1]);
+            }
         }
     }
-    copy_async_wait<1>();  // this thread's key copies have landed
-    __syncthreads();       // and everyone's
+    __syncthreads();
 
     const std::int32_t segment = kRowLanes * V;
     for (std::int32_t g0 = 0; g0 < p.group; g0 += kHeadTile) {
@@ -268,18 +226,19 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
         for (std::int32_t base = 0; base < p.dim; base += segment) {
             const std::int32_t d = base + lane * V;
             if (d >= p.dim) continue;
+            Floats<V> k[kRowsPerGroup];
             for (int u = 0; u < kRowsPerGroup; ++u) {
-                const int row = min(u * kRowGroups + row_group, count - 1);  // past the end: a row, unused
-                Floats<V> k;
                 if constexpr (Rotate) {
-                    for (int v = 0; v < V; ++v) k.x[v] = turned[row * p.dim + d + v];
+                    for (int v = 0; v < V; ++v) k[u].x[v] = turned[min(u * kRowGroups + row_group, count - 1) * p.dim + d + v];
                 } else {
-                    k = load_widened<V>(keys + row * p.dim + d);
+                    k[u] = load_widened<V>(key_rows[u] + d);
                 }
-                for (int h = 0; h < kHeadTile; ++h) {
-                    if (g0 + h >= p.group) break;
-                    const float* qh = q + (g0 + h) * p.dim + d;
-                    for (int v = 0; v < V; ++v) dot[u][h] = fmaf(qh[v], k.x[v], dot[u][h]);
+            }
+            for (int h = 0; h < kHeadTile; ++h) {
+                if (g0 + h >= p.group) break;
+                const float* qh = q + (g0 + h) * p.dim + d;
+                for (int u = 0; u < kRowsPerGroup; ++u) {
+                    for (int v = 0; v < V; ++v) dot[u][h] = fmaf(qh[v], k[u].x[v], dot[u][h]);
                 }
             }
         }
@@ -312,7 +271,6 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
             p.part_sum[chunk * p.group + g] = sum;
         }
     }
-    copy_async_wait<0>();  // the values have landed too
     __syncthreads();
 
     for (std::int32_t g0 = 0; g0 < p.group; g0 += kHeadTile) {
@@ -320,14 +278,15 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
             const std::int32_t d = base + lane * V;
             float acc[kHeadTile][V] = {};
             if (d < p.dim) {
+                Floats<V> value[kRowsPerGroup];
+                for (int u = 0; u < kRowsPerGroup; ++u) value[u] = load_widened<V>(value_rows[u] + d);
                 for (int u = 0; u < kRowsPerGroup; ++u) {
                     const int row = u * kRowGroups + row_group;
                     if (row >= count) break;  // rows ascend with u
-                    const Floats<V> value = load_widened<V>(values + row * p.dim + d);
                     for (int h = 0; h < kHeadTile; ++h) {
                         if (g0 + h >= p.group) break;
                         const float w = weight[(g0 + h) * kAttendChunk + row];
-                        for (int v = 0; v < V; ++v) acc[h][v] = fmaf(w, value.x[v], acc[h][v]);
+                        for (int v = 0; v < V; ++v) acc[h][v] = fmaf(w, value[u].x[v], acc[h][v]);
                     }
                 }
             }
@@ -428,7 +387,7 @@ __global__ void attend_probabilities_kernel(AttendParams<T, Streams> batch) {
 
 template <storage_type T, class Streams, int V, bool Rotate>
 void launch_attend_chunks(const AttendParams<T, Streams>& p, cudaStream_t stream) {
-    const std::size_t shared = attend_shared_bytes<T>(p.group, p.dim, Rotate);
+    const std::size_t shared = attend_shared_bytes(p.group, p.dim, Rotate);
     if (shared > 48 * 1024) {
         // Beyond the default limit the kernel has to opt in (up to the device's maximum).
         check(cudaFuncSetAttribute(attend_chunk_kernel<T, Streams, V, Rotate>, cudaFuncAttributeMaxDynamicSharedMemorySize,
