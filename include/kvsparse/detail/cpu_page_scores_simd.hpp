@@ -103,26 +103,29 @@ KVSPARSE_AVX512 inline void page_group_avx512(const KeyBounds<const T>& bounds, 
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
     __m512 acc[sums];  // lanes 0-15 of each sum
     for (int j = 0; j < sums; ++j) acc[j] = _mm512_setzero_ps();
+    // Chunk by chunk, each query chunk loaded once for the group's pages (every sum still adds its
+    // chunks in order of d).
+    for (std::size_t d = 0, c = 0; d < dim; d += 16, ++c) {
+        __m512 qv[Rows];
+        for (int r = 0; r < Rows; ++r) qv[r] = _mm512_loadu_ps(q + static_cast<std::size_t>(r) * dim + d);
 #pragma GCC unroll 8
-    for (int g = 0; g < Group; ++g) {
-        const T* kmin = bounds.kmin(page + g);
-        const T* kmax = kmin + dim;
-        for (std::size_t d = 0, c = 0; d < dim; d += 16, ++c) {
-            const __m512 lo = load16(kmin + d), hi = load16(kmax + d);
+        for (int g = 0; g < Group; ++g) {
+            const T* kmin = bounds.kmin(page + g);
+            const __m512 lo = load16(kmin + d), hi = load16(kmin + dim + d);
 #pragma GCC unroll 8
             for (int r = 0; r < Rows; ++r) {
-                const __m512 qv = _mm512_loadu_ps(q + static_cast<std::size_t>(r) * dim + d);
                 const __m512 bound = _mm512_mask_blend_ps(negative[static_cast<std::size_t>(r) * (dim / 16) + c], hi, lo);
-                acc[g * Rows + r] = _mm512_fmadd_ps(qv, bound, acc[g * Rows + r]);
+                acc[g * Rows + r] = _mm512_fmadd_ps(qv[r], bound, acc[g * Rows + r]);
             }
         }
     }
-    __m256 folded[8];
-    for (int j = 0; j < sums; ++j) folded[j] = fold16(acc[j]);
-    for (int j = sums; j < 8; ++j) folded[j] = _mm256_setzero_ps();
-    alignas(32) float all[8];
-    _mm256_store_ps(all, sum8x8(folded));
-    for (int j = 0; j < sums; ++j) u[j] = all[j];
+    for (int j0 = 0; j0 < sums; j0 += 8) {  // eight sums per tree
+        __m256 folded[8];
+        for (int j = 0; j < 8; ++j) folded[j] = j0 + j < sums ? fold16(acc[j0 + j]) : _mm256_setzero_ps();
+        alignas(32) float all[8];
+        _mm256_store_ps(all, sum8x8(folded));
+        for (int j = 0; j < 8 && j0 + j < sums; ++j) u[j0 + j] = all[j];
+    }
 }
 
 template <int Rows, storage_type T>
@@ -133,7 +136,7 @@ KVSPARSE_AVX512 void page_rows_avx512(const KeyBounds<const T>& bounds, std::int
     __mmask16 negative[Rows * max_chunks];
     for (std::size_t j = 0; j < Rows * chunks; ++j)
         negative[j] = _mm512_cmplt_epi32_mask(_mm512_castps_si512(_mm512_loadu_ps(q + 16 * j)), _mm512_setzero_si512());
-    constexpr int group = Rows > 4 ? 1 : 8 / Rows;
+    constexpr int group = Rows > 4 ? 1 : 16 / Rows;  // pages sharing each query chunk: up to 16 sums
     std::int32_t i = 0;
     for (; i + group <= count; i += group) {
         for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
