@@ -21,6 +21,7 @@
 
 #include "kvsparse/backends/cpu_backend.hpp"
 #include "kvsparse/concepts.hpp"
+#include "kvsparse/detail/huge_page_allocator.hpp"
 #include "kvsparse/detail/page_pool.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/error.hpp"
@@ -400,7 +401,7 @@ private:
         std::vector<std::int32_t> pages;
         std::vector<std::int32_t> positions;  // per slot; its size is the slot high-water mark
         std::vector<float> scores;            // per slot when the policy accumulates attention, else empty
-        std::vector<T> bounds;                // per bounds page [kmin][kmax] when the policy keeps them, else empty
+        std::vector<T, detail::HugePageAllocator<T>> bounds;  // per bounds page [kmin][kmax] if kept (huge pages: read whole)
         std::vector<std::int32_t> memo;       // the policy's memo_size int32 (zeros at the start), else empty
         std::int32_t held = 0;
         std::int32_t next_position = 0;
