@@ -3,9 +3,15 @@
 // task(i) for every i in [0, n), the calling thread taking part; the tasks must be independent, so the
 // result cannot depend on which thread ran which index or on how many threads there are. Nothing is
 // allocated per call (the task is passed by address, not as a std::function).
+//
+// Decode runs a loop per layer, back to back, and a loop of a sparse policy is a few hundred
+// microseconds, while a thread asleep on a condition variable can take tens of microseconds to wake
+// (more on a virtual machine). So a worker that finishes a loop, and a caller that waits for the
+// workers, first spin for a short while (kSpin) on the state they wait for, and only then sleep.
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -74,9 +80,13 @@ public:
         run(job);
         {
             // Close the loop (a worker that wakes only now stays out), then wait for those inside it.
-            std::unique_lock lock(mutex_);
+            const std::lock_guard lock(mutex_);
             job_ = nullptr;
-            done_.wait(lock, [&] { return busy_ == 0; });
+        }
+        spin_until([&] { return busy_.load(std::memory_order_acquire) == 0; });
+        {
+            std::unique_lock lock(mutex_);
+            done_.wait(lock, [&] { return busy_.load(std::memory_order_acquire) == 0; });
         }
         if (job.error) std::rethrow_exception(job.error);
     }
@@ -114,28 +124,50 @@ private:
         inside = false;
     }
 
+    /// Spins until `ready()` or kSpin has passed; true if ready.
+    template <class Ready>
+    static bool spin_until(Ready&& ready) {
+        const auto until = std::chrono::steady_clock::now() + kSpin;
+        for (int i = 0;; ++i) {
+            if (ready()) return true;
+            if (i % 64 == 63 && std::chrono::steady_clock::now() >= until) return false;
+            pause();
+        }
+    }
+
+    static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        asm volatile("yield");
+#endif
+    }
+
     void worker_loop() {
         std::uint64_t seen = 0;
         for (;;) {
             Job* job = nullptr;
+            spin_until([&] { return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; });
             {
                 std::unique_lock lock(mutex_);
-                wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+                wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
                 if (stop_) return;
                 seen = generation_;
                 // A loop of n tasks seats at most n - 1 workers; a closed loop seats none.
                 if (job_ == nullptr || seats_ == 0) continue;
                 --seats_;
-                ++busy_;
+                busy_.fetch_add(1, std::memory_order_relaxed);
                 job = job_;
             }
             run(*job);
             {
                 const std::lock_guard lock(mutex_);
-                if (--busy_ == 0) done_.notify_one();
+                if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_one();
             }
         }
     }
+
+    static constexpr std::chrono::microseconds kSpin{100};
 
     std::vector<std::thread> workers_;
     std::mutex submit_mutex_;  // one loop at a time
@@ -143,10 +175,10 @@ private:
     std::condition_variable wake_;
     std::condition_variable done_;
     Job* job_ = nullptr;
-    std::uint64_t generation_ = 0;  // counts loops; a change wakes the workers
-    int seats_ = 0;                 // workers the current loop may still take
-    int busy_ = 0;                  // workers inside the current loop
-    bool stop_ = false;
+    std::atomic<std::uint64_t> generation_{0};  // counts loops; a change wakes the workers (spinning reads it)
+    int seats_ = 0;                              // workers the current loop may still take
+    std::atomic<int> busy_{0};                   // workers inside the current loop (the caller spins on it)
+    std::atomic<bool> stop_{false};
 };
 
 }  // namespace kvsparse::detail
