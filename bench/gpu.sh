@@ -9,6 +9,10 @@
 # --prebuilt is for a GPU machine without Catch2: build the two targets elsewhere (same configure line as
 # below) and copy them into build-gpu/tests and build-gpu/bench.
 # Results: build-gpu/gpu-results.txt, or the path in $KVSPARSE_GPU_RESULTS.
+# To profile the attention kernel (Nsight Compute, where the machine's runtime gives it the counters):
+#     ncu --clock-control none --kernel-name regex:attend_chunk --launch-skip 2 --launch-count 1 \
+#         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+#         build-gpu/bench/gpu_bench --profile-attend
 # Exit status: non-zero if the configure, the build, a CUDA test, memcheck or the benchmark failed.
 set -uo pipefail
 
