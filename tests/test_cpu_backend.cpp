@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -14,6 +15,7 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -23,6 +25,7 @@
 #include <kvsparse/detail/cpu_attention.hpp>
 #include <kvsparse/detail/cpu_page_scores_simd.hpp>
 #include <kvsparse/detail/cpu_page_select.hpp>
+#include <kvsparse/detail/huge_page_allocator.hpp>
 #include <kvsparse/detail/thread_pool.hpp>
 #include <kvsparse/kvsparse.hpp>
 #include <kvsparse/policies/quest.hpp>
@@ -259,6 +262,47 @@ TEST_CASE("ThreadPool runs every index once, inline when nested, and rethrows th
     std::atomic<int> after{0};
     pool.parallel_for(10, [&](std::int64_t) { ++after; });  // still usable
     CHECK(after == 10);
+}
+
+TEST_CASE("ThreadPool wakes its workers whether they spin or sleep, and stops while they spin", "[cpu][threads]") {
+    for (int round = 0; round < 20; ++round) {
+        kvsparse::detail::ThreadPool pool(2);
+        std::atomic<int> sum{0};
+        // Back to back (the worker is still spinning), then after a pause longer than the spin (asleep).
+        for (int loop = 0; loop < 4; ++loop) {
+            if (loop == 3) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+            std::vector<std::atomic<int>> hits(8);
+            pool.parallel_for(8, [&](std::int64_t i) {
+                ++hits[static_cast<std::size_t>(i)];
+                sum += static_cast<int>(i);
+            });
+            CHECK(std::all_of(hits.begin(), hits.end(), [](const std::atomic<int>& h) { return h == 1; }));
+        }
+        CHECK(sum == 4 * 28);
+    }  // each pool is destroyed right after a loop, its worker still spinning
+}
+
+TEST_CASE("HugePageAllocator gives blocks from 1 MiB 2 MiB-aligned, smaller ones plainly", "[cpu][memory]") {
+    kvsparse::detail::HugePageAllocator<std::uint16_t> allocator;
+    for (const std::size_t bytes : {std::size_t{64}, std::size_t{1} << 19, (std::size_t{1} << 20) - 2, std::size_t{1} << 20,
+                                    (std::size_t{3} << 20) + 2}) {
+        CAPTURE(bytes);
+        const std::size_t n = bytes / sizeof(std::uint16_t);
+        std::uint16_t* p = allocator.allocate(n);
+        REQUIRE(p != nullptr);
+        if (bytes >= std::size_t{1} << 20) CHECK(reinterpret_cast<std::uintptr_t>(p) % (std::size_t{2} << 20) == 0);
+        for (std::size_t i = 0; i < n; ++i) p[i] = static_cast<std::uint16_t>(i * 7);  // the whole block is usable
+        bool intact = true;
+        for (std::size_t i = 0; i < n; ++i) intact = intact && p[i] == static_cast<std::uint16_t>(i * 7);
+        CHECK(intact);
+        allocator.deallocate(p, n);
+    }
+    // A vector growing across the 1 MiB line keeps its contents (key bounds grow with their stream).
+    std::vector<std::uint16_t, kvsparse::detail::HugePageAllocator<std::uint16_t>> grown;
+    for (std::size_t i = 0; i < (std::size_t{3} << 19); ++i) grown.push_back(static_cast<std::uint16_t>(i));
+    bool kept = true;
+    for (std::size_t i = 0; i < grown.size(); ++i) kept = kept && grown[i] == static_cast<std::uint16_t>(i);
+    CHECK(kept);
 }
 
 namespace {
