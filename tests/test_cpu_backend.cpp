@@ -205,6 +205,7 @@ TEMPLATE_TEST_CASE("CpuBackend::attend matches a double reference on every path 
     for (const int page_size : {1, 12, 16, 64}) check_case<TestType>({128, 4, 1000, page_size, false}, seed++);
     check_case<TestType>({128, 4, 5000, 16, false}, seed++);
     for (const int group : {1, 4, 6}) check_case<TestType>({64, group, 77, 16, true}, seed++);
+    check_case<TestType>({64, 4, 600, 16, true}, seed++);  // turned keys over three chunks
     require_vector_paths(vector_cases);
 }
 
