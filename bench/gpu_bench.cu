@@ -133,11 +133,33 @@ std::vector<std::int32_t> shuffled(std::int32_t n, std::uint32_t seed) {
     return v;
 }
 
+constexpr std::int32_t page_size = 16;  // of every stream below
+
+/// Slots 0 .. n - 1 for each of `heads` heads: [heads][n].
+std::vector<std::int32_t> every_slot(std::int32_t heads, std::int32_t n) {
+    std::vector<std::int32_t> v(static_cast<std::size_t>(heads) * static_cast<std::size_t>(n));
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::int32_t>(i % static_cast<std::size_t>(n));
+    return v;
+}
+
+/// Quest's read at budget 2048 for each of `heads` heads of n slots: the slots of 128 pages scattered over
+/// the stream, in page order, head h's pages drawn with seed + h: [heads][2048].
+std::vector<std::int32_t> quest_slots(std::int32_t heads, std::int32_t n, std::uint32_t seed) {
+    std::vector<std::int32_t> v;
+    for (std::int32_t h = 0; h < heads; ++h) {
+        std::vector<std::int32_t> pages = shuffled(n / page_size, seed + static_cast<std::uint32_t>(h));
+        pages.resize(128);
+        std::sort(pages.begin(), pages.end());
+        for (const std::int32_t p : pages)
+            for (std::int32_t i = 0; i < page_size; ++i) v.push_back(p * page_size + i);
+    }
+    return v;
+}
+
 /// A pool holding `heads` streams of `capacity` slots each, one head per page (kvsparse's own layout),
 /// pages of each stream scattered over the pool.
 template <class T>
 struct Streams {
-    static constexpr std::int32_t page_size = 16;
     std::int32_t heads, capacity, dim, pages_per_head;
     Device<T> keys, values;
     Device<std::int32_t> tables;
@@ -178,9 +200,7 @@ void bench_write(cudaStream_t stream) {
     Device<float> k(static_cast<std::size_t>(tokens) * heads * dim), v(k.size);
     fill(k, 4);
     fill(v, 5);
-    std::vector<std::int32_t> host_slots;
-    for (std::int32_t i = 0; i < tokens; ++i) host_slots.push_back(i);
-    Device<std::int32_t> slots(host_slots);  // one slot list shared by every head: a prefill chunk
+    Device<std::int32_t> slots(every_slot(1, tokens));  // one slot list shared by every head: a prefill chunk
     const CudaBackend backend;
     const double ms = time_ms(stream, [&] {
         backend.write(s.batch(), slots.cspan(), k.cspan(), v.cspan(), tokens, std::int64_t{heads} * dim, dim, stream);
@@ -228,9 +248,7 @@ template <class T>
 void bench_shift(cudaStream_t stream) {
     const std::int32_t heads = 8, dim = 128, per_head = 8192;
     Streams<T> s(heads, per_head, dim);
-    std::vector<std::int32_t> host_slots(static_cast<std::size_t>(per_head));
-    std::iota(host_slots.begin(), host_slots.end(), 0);
-    Device<std::int32_t> slots(host_slots);  // every head shifts the same slots (llama.cpp's K-shift)
+    Device<std::int32_t> slots(every_slot(1, per_head));  // every head shifts the same slots (llama.cpp's K-shift)
     const CudaBackend backend;
     const double ms = time_ms(stream, [&] {
         backend.shift_keys(s.batch(), slots.cspan(), per_head, -512, kvsparse::Rope{}, stream);
@@ -244,9 +262,7 @@ void bench_attend(cudaStream_t stream) {
     const std::int32_t group = 4, dim = 128;
     for (const std::int32_t n : {4096, 32768, 131072}) {
         Streams<T> s(1, n, dim);
-        std::vector<std::int32_t> host_slots(static_cast<std::size_t>(n));
-        std::iota(host_slots.begin(), host_slots.end(), 0);
-        Device<std::int32_t> slots(host_slots);
+        Device<std::int32_t> slots(every_slot(1, n));
         Device<float> queries(static_cast<std::size_t>(group) * dim), result(queries.size), probabilities(static_cast<std::size_t>(n));
         fill(queries, 8);
         check(cudaMemset(probabilities.data, 0, probabilities.size * sizeof(float)), "cudaMemset");
@@ -266,14 +282,7 @@ void bench_attend(cudaStream_t stream) {
             report(std::string("attend ") + type_name<T>() + (with_probabilities ? " +probabilities" : ""),
                    "group 4 x 128 over " + std::to_string(n) + " slots", ms, 2.0 * n * dim * sizeof(T));
         }
-        // Quest's read at budget 2048: the slots of 128 pages scattered over the stream, in page order.
-        std::vector<std::int32_t> pages = shuffled(n / Streams<T>::page_size, 12);
-        pages.resize(128);
-        std::sort(pages.begin(), pages.end());
-        std::vector<std::int32_t> quest_slots;
-        for (const std::int32_t p : pages)
-            for (std::int32_t i = 0; i < Streams<T>::page_size; ++i) quest_slots.push_back(p * Streams<T>::page_size + i);
-        const Device<std::int32_t> selected(quest_slots);
+        const Device<std::int32_t> selected(quest_slots(1, n, 12));
         const kvsparse::AttendArgs<T> sparse{s.stream(0), selected.cspan(), queries.cspan(), group, 0.08838834764f, {},
                                              kvsparse::Rope{}, result.span(), {}};
         const double ms = time_ms(stream, [&] { backend.attend(sparse, workspace.span(), stream); });
@@ -289,23 +298,14 @@ void bench_attend_batch(cudaStream_t stream) {
     const std::int32_t heads = 8, group = 4, dim = 128, selected = 2048;
     for (const std::int32_t n : {32768, 131072}) {
         Streams<T> s(heads, n, dim);
-        std::vector<std::int32_t> dense, quest;
-        for (std::int32_t h = 0; h < heads; ++h) {
-            for (std::int32_t i = 0; i < n; ++i) dense.push_back(i);
-            std::vector<std::int32_t> pages = shuffled(n / Streams<T>::page_size, 20 + static_cast<std::uint32_t>(h));
-            pages.resize(selected / Streams<T>::page_size);
-            std::sort(pages.begin(), pages.end());
-            for (const std::int32_t p : pages)
-                for (std::int32_t i = 0; i < Streams<T>::page_size; ++i) quest.push_back(p * Streams<T>::page_size + i);
-        }
-        const Device<std::int32_t> dense_slots(dense), quest_slots(quest);
+        const Device<std::int32_t> dense_slots(every_slot(heads, n)), sparse_slots(quest_slots(heads, n, 20));
         Device<float> queries(static_cast<std::size_t>(heads) * group * dim), result(queries.size);
         fill(queries, 13);
         Device<std::byte> workspace(heads * CudaBackend::workspace_bytes(group, n, dim));
         const CudaBackend backend;
         for (const bool sparse : {false, true}) {
             const std::int32_t count = sparse ? selected : n;
-            const kvsparse::BatchAttendArgs<T> args{s.batch(), count, (sparse ? quest_slots : dense_slots).cspan(),
+            const kvsparse::BatchAttendArgs<T> args{s.batch(), count, (sparse ? sparse_slots : dense_slots).cspan(),
                                                     queries.cspan(), group, 0.08838834764f, {}, kvsparse::Rope{},
                                                     result.span(), {}};
             const double ms = time_ms(stream, [&] { backend.attend(args, workspace.span(), stream); });
@@ -334,7 +334,7 @@ __global__ void pages_to_slots_kernel(const std::int32_t* order, std::int32_t st
 /// slots; against dense attention over every slot in the same process. Bytes: K/V rows and bounds read.
 void bench_quest_layer(cudaStream_t stream) {
     using T = kvsparse::half;
-    const std::int32_t heads = 8, group = 4, dim = 128, page_size = 16, budget = 128;
+    const std::int32_t heads = 8, group = 4, dim = 128, budget = 128;
     for (const std::int32_t n : {32768, 131072}) {
         Streams<T> s(heads, n, dim);
         const std::int32_t pages = n / page_size, scored = pages - 1;
@@ -346,10 +346,7 @@ void bench_quest_layer(cudaStream_t stream) {
         Device<float> scores(static_cast<std::size_t>(heads) * pages);
         Device<std::int32_t> order(static_cast<std::size_t>(heads) * pages), slots(static_cast<std::size_t>(heads) * budget * page_size);
         Device<std::byte> workspace(heads * CudaBackend::workspace_bytes(group, n, dim));
-        std::vector<std::int32_t> every;
-        for (std::int32_t h = 0; h < heads; ++h)
-            for (std::int32_t i = 0; i < n; ++i) every.push_back(i);
-        const Device<std::int32_t> dense_slots(every);
+        const Device<std::int32_t> dense_slots(every_slot(heads, n));
         const auto view = kvsparse::KeyBounds<const T>::packed(bounds.data, pages, page_size, dim);
         const CudaBackend backend;
         const float scale = 0.08838834764f;
@@ -420,10 +417,7 @@ void bench_page_scores(cudaStream_t stream) {
 void profile_attend(cudaStream_t stream) {
     const std::int32_t heads = 8, group = 4, dim = 128, n = 32768;
     Streams<kvsparse::half> s(heads, n, dim);
-    std::vector<std::int32_t> every;
-    for (std::int32_t h = 0; h < heads; ++h)
-        for (std::int32_t i = 0; i < n; ++i) every.push_back(i);
-    const Device<std::int32_t> slots(every);
+    const Device<std::int32_t> slots(every_slot(heads, n));
     Device<float> queries(static_cast<std::size_t>(heads) * group * dim), result(queries.size);
     fill(queries, 16);
     Device<std::byte> workspace(heads * CudaBackend::workspace_bytes(group, n, dim));

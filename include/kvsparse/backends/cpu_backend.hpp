@@ -55,7 +55,8 @@ public:
     }
 
     /// Scratch `attend` needs for `group` query heads over `slots` keys of dimension `head_dim`.
-    /// (Scores, one widened key, and the cos/sin of one key rotation.)
+    /// (Scores, a chunk's weights with the running maximum and sum, one widened key, and the cos/sin of
+    /// one key rotation: detail::cpu::scratch_floats.)
     static std::size_t workspace_bytes(std::int32_t group, std::int32_t slots, std::int32_t head_dim) {
         return sizeof(float) * detail::cpu::scratch_floats(static_cast<std::size_t>(group), static_cast<std::size_t>(slots),
                                                            static_cast<std::size_t>(head_dim));

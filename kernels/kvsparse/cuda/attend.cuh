@@ -116,17 +116,14 @@ constexpr std::size_t attend_shared_bytes(std::int32_t group, std::int32_t dim, 
     return (g * d + g * kAttendChunk + (rotate ? kAttendChunk * d : 0)) * sizeof(float);
 }
 
-__device__ inline float warp_sum(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+/// Sum over each group of `Lanes` consecutive lanes (32: the warp; kRowLanes: each half-warp's own).
+template <int Lanes = 32>
+__device__ inline float lanes_sum(float x) {
+    for (int offset = Lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;
 }
 __device__ inline float warp_max(float x) {
     for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    return x;
-}
-/// Sum over the 16 lanes of a half-warp (each half-warp gets its own sum).
-__device__ inline float row_sum(float x) {
-    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;
 }
 
@@ -245,7 +242,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
         for (int u = 0; u < kRowsPerGroup; ++u) {
             const int row = u * kRowGroups + row_group;
             for (int h = 0; h < kHeadTile; ++h) {
-                const float s = row_sum(dot[u][h]) * p.scale;
+                const float s = lanes_sum<kRowLanes>(dot[u][h]) * p.scale;
                 if (lane == 0 && row < count && g0 + h < p.group) {
                     weight[(g0 + h) * kAttendChunk + row] = s;
                     if (p.probabilities != nullptr) p.scores[static_cast<std::int64_t>(g0 + h) * p.n + first + row] = s;
@@ -265,7 +262,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_chunk_kernel(AttendPara
             w[j] = expf(w[j] - top);
             sum += w[j];
         }
-        sum = warp_sum(sum);
+        sum = lanes_sum(sum);
         if (tid % 32 == 0) {
             p.part_max[chunk * p.group + g] = top;
             p.part_sum[chunk * p.group + g] = sum;
@@ -318,7 +315,7 @@ __device__ inline float block_reduce(float x, bool take_max, float* scratch) {
     constexpr int warps = kMergeThreads / 32;
     const int lane = static_cast<int>(threadIdx.x) % 32;
     const int warp = static_cast<int>(threadIdx.x) / 32;
-    x = take_max ? warp_max(x) : warp_sum(x);
+    x = take_max ? warp_max(x) : lanes_sum(x);
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
     float r = scratch[0];
