@@ -48,8 +48,11 @@ KVSPARSE_AVX2 inline void page_group_avx2(const KeyBounds<const T>& bounds, std:
     constexpr int sums = Rows * Group;
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
     __m256 low[8], high[sums];  // lanes 0-7 and 8-15 of each sum
+    KVSPARSE_UNROLL
     for (int j = 0; j < 8; ++j) low[j] = _mm256_setzero_ps();
+    KVSPARSE_UNROLL
     for (int j = 0; j < sums; ++j) high[j] = _mm256_setzero_ps();
+    KVSPARSE_UNROLL
     for (int g = 0; g < Group; ++g) {
         const T* kmin = bounds.kmin(page + g);
         const T* kmax = kmin + dim;
@@ -57,6 +60,7 @@ KVSPARSE_AVX2 inline void page_group_avx2(const KeyBounds<const T>& bounds, std:
         for (; d + 16 <= dim; d += 16) {
             const __m256 lo0 = load8(kmin + d), hi0 = load8(kmax + d);
             const __m256 lo1 = load8(kmin + d + 8), hi1 = load8(kmax + d + 8);
+            KVSPARSE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 const float* qr = q + static_cast<std::size_t>(r) * dim + d;
                 low[g * Rows + r] = add_terms(low[g * Rows + r], _mm256_loadu_ps(qr), lo0, hi0);
@@ -65,13 +69,16 @@ KVSPARSE_AVX2 inline void page_group_avx2(const KeyBounds<const T>& bounds, std:
         }
         if (d < dim) {  // dim % 16 == 8: the last eight elements go to lanes 0-7
             const __m256 lo0 = load8(kmin + d), hi0 = load8(kmax + d);
+            KVSPARSE_UNROLL
             for (int r = 0; r < Rows; ++r)
                 low[g * Rows + r] = add_terms(low[g * Rows + r], _mm256_loadu_ps(q + static_cast<std::size_t>(r) * dim + d), lo0, hi0);
         }
     }
+    KVSPARSE_UNROLL
     for (int j = 0; j < sums; ++j) low[j] = _mm256_add_ps(low[j], high[j]);
     alignas(32) float all[8];
     _mm256_store_ps(all, sum8x8(low));
+    KVSPARSE_UNROLL
     for (int j = 0; j < sums; ++j) u[j] = all[j];
 }
 
@@ -102,25 +109,29 @@ KVSPARSE_AVX512 inline void page_group_avx512(const KeyBounds<const T>& bounds, 
     constexpr int sums = Rows * Group;
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
     __m512 acc[sums];  // lanes 0-15 of each sum
+    KVSPARSE_UNROLL
     for (int j = 0; j < sums; ++j) acc[j] = _mm512_setzero_ps();
     // Chunk by chunk, each query chunk loaded once for the group's pages (every sum still adds its
     // chunks in order of d).
     for (std::size_t d = 0, c = 0; d < dim; d += 16, ++c) {
         __m512 qv[Rows];
+        KVSPARSE_UNROLL
         for (int r = 0; r < Rows; ++r) qv[r] = _mm512_loadu_ps(q + static_cast<std::size_t>(r) * dim + d);
-#pragma GCC unroll 8
+        KVSPARSE_UNROLL
         for (int g = 0; g < Group; ++g) {
             const T* kmin = bounds.kmin(page + g);
             const __m512 lo = load16(kmin + d), hi = load16(kmin + dim + d);
-#pragma GCC unroll 8
+            KVSPARSE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 const __m512 bound = _mm512_mask_blend_ps(negative[static_cast<std::size_t>(r) * (dim / 16) + c], hi, lo);
                 acc[g * Rows + r] = _mm512_fmadd_ps(qv[r], bound, acc[g * Rows + r]);
             }
         }
     }
+    KVSPARSE_UNROLL
     for (int j0 = 0; j0 < sums; j0 += 8) {  // eight sums per tree
         __m256 folded[8];
+        KVSPARSE_UNROLL
         for (int j = 0; j < 8; ++j) folded[j] = j0 + j < sums ? fold16(acc[j0 + j]) : _mm256_setzero_ps();
         alignas(32) float all[8];
         _mm256_store_ps(all, sum8x8(folded));
