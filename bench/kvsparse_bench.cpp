@@ -342,6 +342,42 @@ void BM_H2OUpdate(benchmark::State& state, std::int64_t context) {
     }
 }
 
+/// CpuBackend::attend of one KV head (its group of 4 query heads) over `keys` keys in shuffled pages, on
+/// the calling thread, the same data every iteration: with a few thousand keys they stay in L2, so this
+/// times the kernel's arithmetic apart from memory (a regression in the generated code shows here first).
+void BM_AttendKernel(benchmark::State& state, std::int32_t keys) {
+    const std::int32_t group = q_heads / kv_heads, pages = keys / page_size;
+    std::vector<Storage> k(static_cast<std::size_t>(keys) * head_dim), v(k.size());
+    Random random{7};
+    for (std::size_t i = 0; i < k.size(); ++i) {
+        k[i] = Storage(random.next());
+        v[i] = Storage(random.next());
+    }
+    std::vector<std::int32_t> table(static_cast<std::size_t>(pages)), slots(static_cast<std::size_t>(keys));
+    for (std::int32_t p = 0; p < pages; ++p) table[static_cast<std::size_t>(p)] = (p * 7919) % pages;  // 7919: prime
+    for (std::int32_t j = 0; j < keys; ++j) slots[static_cast<std::size_t>(j)] = j;
+    std::vector<float> queries(static_cast<std::size_t>(group) * head_dim), out(queries.size());
+    random.fill(queries);
+    std::vector<std::byte> workspace(CpuBackend::workspace_bytes(group, keys, head_dim));
+    AttendArgs<Storage> args;
+    args.stream = {.keys = PagePoolView<Storage>::packed(k.data(), Layout::HND, pages, page_size, 1, head_dim),
+                   .values = PagePoolView<Storage>::packed(v.data(), Layout::HND, pages, page_size, 1, head_dim),
+                   .table = {table.data(), pages},
+                   .head = 0};
+    args.slots = slots;
+    args.queries = queries;
+    args.group = group;
+    args.scale = 0.08838834764f;  // 1 / sqrt(128)
+    args.out = out;
+    const CpuBackend backend({.threads = 1});
+    for (auto _ : state) {
+        backend.attend(args, workspace);
+        benchmark::DoNotOptimize(out.data());
+    }
+    state.counters["ns_per_key"] = benchmark::Counter(static_cast<double>(keys) * static_cast<double>(state.iterations()),
+                                                      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 // ---- registration --------------------------------------------------------------------------------------
 
 /// Decode/<name>/<context> at every context, Append/<name>/<context> at the small ones. make(layers) gives
@@ -392,6 +428,11 @@ void register_all() {
             ->Unit(benchmark::kMicrosecond);
     }
     register_policies();
+    for (const std::int32_t keys : {1024, 4096}) {
+        benchmark::RegisterBenchmark(("AttendKernel/" + std::to_string(keys)).c_str(),
+                                     [=](benchmark::State& s) { BM_AttendKernel(s, keys); })
+            ->Unit(benchmark::kMicrosecond);
+    }
     for (const std::int64_t context : small_contexts) {
         benchmark::RegisterBenchmark(("H2OUpdate/" + std::to_string(context)).c_str(),
                                      [=](benchmark::State& s) { BM_H2OUpdate(s, context); })
