@@ -20,6 +20,9 @@
 //   H2OUpdate/<context>        H2O's per-step eviction choice over its budget, for all 8 KV heads (the
 //                              score accumulation itself is fused into attention, so it is in
 //                              Decode/h2o).
+//   AttendKernel/<keys>        CpuBackend::attend of one KV head (4 query heads) over `keys` keys on one
+//                              thread, the data in L2: the kernel's arithmetic apart from memory.
+//                              ns_per_key: time per key (each key's K and V row, for all 4 heads).
 //
 // Adding a policy is one line in register_policies(). The copy bandwidth every bandwidth_fraction divides
 // by is measured once at start-up (the median of 12 copies of 256 MiB on all threads) and is in the JSON
