@@ -327,10 +327,11 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
 #define KVSPARSE_UNROLL _Pragma("GCC unroll 16")
 
 // GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused merge source, which its
-// -Wmaybe-uninitialized reports once they are inlined here (GCC bug 105593, fixed in 13).
+// -Wmaybe-uninitialized (or -Wuninitialized) reports once they are inlined here (GCC bug 105593, fixed in 13).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 /// Whether this CPU (and its OS) runs the AVX2 path: AVX2, FMA and F16C, with YMM state saved by the OS.
@@ -412,6 +413,46 @@ KVSPARSE_AVX2 inline float sum8(__m256 v) {
 /// Lower plus upper eight lanes.
 KVSPARSE_AVX512 inline __m256 fold16(__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/// Lane m of the result is the sum of the lanes of v[m]: registers are interleaved and added in pairs,
+/// then pairs of those, then their 128-bit quarters; 15 additions and 30 shuffles (folding each register
+/// to eight lanes for two sum8x8 took about twice as many operations).
+KVSPARSE_AVX512 inline __m512 sum16x16(const __m512 (&v)[16]) {
+    __m512 pairs[8];  // per 128-bit quarter: partial sums of v[2k] in lanes 0 and 2, of v[2k + 1] in 1 and 3
+    KVSPARSE_UNROLL
+    for (int k = 0; k < 8; ++k) pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    __m512 quads[4];  // per 128-bit quarter: that quarter's sums of v[4k .. 4k + 3]
+    KVSPARSE_UNROLL
+    for (int k = 0; k < 4; ++k) {
+        const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+        quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    // Quarters 0 + 1 and 2 + 3 of two registers side by side, then the same again.
+    const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
+    const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xdd));
+}
+
+/// The dot products of four query heads (rows of q) with four keys, each key widened once and each query
+/// chunk loaded once, in sixteen independent accumulators: lane 4h + i is head h's dot with k[i].
+template <storage_type T>
+KVSPARSE_AVX512 inline __m512 dots4x4(const float* q, std::size_t dim, const T* const (&k)[4]) {
+    __m512 acc[16];
+    KVSPARSE_UNROLL
+    for (__m512& x : acc) x = _mm512_setzero_ps();
+    for (std::size_t d = 0; d < dim; d += 16) {
+        __m512 x[4];
+        KVSPARSE_UNROLL
+        for (int i = 0; i < 4; ++i) x[i] = load16(k[i] + d);
+        KVSPARSE_UNROLL
+        for (int h = 0; h < 4; ++h) {
+            const __m512 qv = _mm512_loadu_ps(q + static_cast<std::size_t>(h) * dim + d);
+            KVSPARSE_UNROLL
+            for (int i = 0; i < 4; ++i) acc[4 * h + i] = _mm512_fmadd_ps(qv, x[i], acc[4 * h + i]);
+        }
+    }
+    return sum16x16(acc);
 }
 
 /// AVX2 + FMA + F16C: eight lanes (head dimensions that are a multiple of 8).
