@@ -20,9 +20,10 @@
 //   H2OUpdate/<context>        H2O's per-step eviction choice over its budget, for all 8 KV heads (the
 //                              score accumulation itself is fused into attention, so it is in
 //                              Decode/h2o).
-//   AttendKernel/<keys>        CpuBackend::attend of one KV head (4 query heads) over `keys` keys on one
-//                              thread, the data in L2: the kernel's arithmetic apart from memory.
-//                              ns_per_key: time per key (each key's K and V row, for all 4 heads).
+//   AttendKernel/<isa>/<keys>  the CPU attention kernel with one instruction set (avx512, avx2, portable;
+//                              CpuBackend takes the widest the CPU has) for one KV head (4 query heads)
+//                              over `keys` keys on one thread, the data in L2: the kernel's arithmetic
+//                              apart from memory. ns_per_key: time per key (its K and V rows, 4 heads).
 //
 // Adding a policy is one line in register_policies(). The copy bandwidth every bandwidth_fraction divides
 // by is measured once at start-up (the median of 12 copies of 256 MiB on all threads) and is in the JSON
@@ -345,10 +346,12 @@ void BM_H2OUpdate(benchmark::State& state, std::int64_t context) {
     }
 }
 
-/// CpuBackend::attend of one KV head (its group of 4 query heads) over `keys` keys in shuffled pages, on
-/// the calling thread, the same data every iteration: with a few thousand keys they stay in L2, so this
-/// times the kernel's arithmetic apart from memory (a regression in the generated code shows here first).
-void BM_AttendKernel(benchmark::State& state, std::int32_t keys) {
+/// The CPU attention kernel with one instruction set (detail::cpu::attend_with: what CpuBackend::attend
+/// runs, the widest the CPU has) for one KV head (its group of 4 query heads) over `keys` keys in shuffled
+/// pages, on the calling thread, the same data every iteration: with a few thousand keys they stay in L2,
+/// so this times the kernel's arithmetic apart from memory (a regression in the generated code shows here
+/// first). Skipped where the CPU lacks the instruction set.
+void BM_AttendKernel(benchmark::State& state, detail::cpu::Isa isa, std::int32_t keys) {
     const std::int32_t group = q_heads / kv_heads, pages = keys / page_size;
     std::vector<Storage> k(static_cast<std::size_t>(keys) * head_dim), v(k.size());
     Random random{7};
@@ -372,9 +375,15 @@ void BM_AttendKernel(benchmark::State& state, std::int32_t keys) {
     args.group = group;
     args.scale = 0.08838834764f;  // 1 / sqrt(128)
     args.out = out;
-    const CpuBackend backend({.threads = 1});
+    const detail::cpu::Scratch scratch = detail::cpu::carve(workspace, static_cast<std::size_t>(group),
+                                                            static_cast<std::size_t>(keys), static_cast<std::size_t>(head_dim));
+    if (!detail::cpu::attend_with(isa, args, scratch)) {
+        state.SkipWithError("this CPU has no such path");
+        return;
+    }
     for (auto _ : state) {
-        backend.attend(args, workspace);
+        std::fill(out.begin(), out.end(), 0.0f);  // attend_with adds into a zeroed output
+        detail::cpu::attend_with(isa, args, scratch);
         benchmark::DoNotOptimize(out.data());
     }
     state.counters["ns_per_key"] = benchmark::Counter(static_cast<double>(keys) * static_cast<double>(state.iterations()),
@@ -431,10 +440,14 @@ void register_all() {
             ->Unit(benchmark::kMicrosecond);
     }
     register_policies();
-    for (const std::int32_t keys : {1024, 4096}) {
-        benchmark::RegisterBenchmark(("AttendKernel/" + std::to_string(keys)).c_str(),
-                                     [=](benchmark::State& s) { BM_AttendKernel(s, keys); })
-            ->Unit(benchmark::kMicrosecond);
+    using detail::cpu::Isa;
+    for (const auto& path : {std::pair{Isa::avx512, "avx512"}, std::pair{Isa::avx2, "avx2"}, std::pair{Isa::portable, "portable"}}) {
+        const Isa isa = path.first;  // a copy: clang 14 cannot capture a structured binding
+        for (const std::int32_t keys : {1024, 4096}) {
+            benchmark::RegisterBenchmark(("AttendKernel/" + std::string(path.second) + "/" + std::to_string(keys)).c_str(),
+                                         [=](benchmark::State& s) { BM_AttendKernel(s, isa, keys); })
+                ->Unit(benchmark::kMicrosecond);
+        }
     }
     for (const std::int64_t context : small_contexts) {
         benchmark::RegisterBenchmark(("H2OUpdate/" + std::to_string(context)).c_str(),

@@ -276,7 +276,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
             for (; d + 8 <= dim; d += 8) {
                 for (std::size_t l = 0; l < 8; ++l) partial[l] += q[d + l] * key[d + l];
             }
-            for (; d < dim; ++d) partial[d % 8] += q[d] * key[d];
+            for (std::size_t l = 0; l < dim % 8; ++l) partial[l] += q[d + l] * key[d + l];  // d % 8 == 0 here
             const float dot = sum_tree8(partial);
             s.scores[g * n + j] = dot * a.scale;
         }
@@ -291,7 +291,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
         for (; j + 8 <= n; j += 8) {
             for (std::size_t l = 0; l < 8; ++l) partial[l] += row[j + l];
         }
-        for (; j < n; ++j) partial[j % 8] += row[j];
+        for (std::size_t l = 0; l < n % 8; ++l) partial[l] += row[j + l];  // j % 8 == 0 here
         const float sum = sum_tree8(partial);
         const float inverse = 1.0f / sum;
         for (std::size_t i = 0; i < n; ++i) row[i] *= inverse;
