@@ -168,38 +168,6 @@ inline float exp_nonpositive(float x) {
     return value;
 }
 
-/// float16 bits to float, exactly, without branches: subnormals are normalized by a float subtraction
-/// (whose result is used only for them, so NaN payloads pass untouched). The cases are chosen with
-/// all-ones masks rather than ?: so that the compilers vectorize a loop of these (GCC 12 saw control
-/// flow in the ?: form and widened one element at a time: three quarters of the portable attention).
-inline float half_bits_to_float(std::uint16_t h) {
-    const std::uint32_t magnitude = static_cast<std::uint32_t>(h & 0x7fffu) << 13;
-    const std::uint32_t exponent = magnitude & 0x0f800000u;
-    const std::uint32_t special = 0u - static_cast<std::uint32_t>(exponent == 0x0f800000u);  // inf / NaN
-    const std::uint32_t small = 0u - static_cast<std::uint32_t>(exponent == 0);             // zero / subnormal
-    // Rebias 15 -> 127, and for inf / NaN on to exponent 255.
-    const std::uint32_t bits = magnitude + 0x38000000u + (special & 0x38000000u);
-    float tiny;  // zero or subnormal: 2^-14 * (1 + m) - 2^-14
-    const std::uint32_t tiny_bits_in = magnitude + 0x38800000u;
-    std::memcpy(&tiny, &tiny_bits_in, sizeof tiny);
-    tiny -= 6.103515625e-05f;
-    std::uint32_t tiny_bits;
-    std::memcpy(&tiny_bits, &tiny, sizeof tiny_bits);
-    const std::uint32_t out = (tiny_bits & small) | (bits & ~small) | (static_cast<std::uint32_t>(h & 0x8000u) << 16);
-    float result;
-    std::memcpy(&result, &out, sizeof result);
-    return result;
-}
-
-template <storage_type T>
-inline float widen(T x) {
-    if constexpr (std::is_same_v<T, half>) {
-        return half_bits_to_float(x.bits);
-    } else {
-        return to_float(x);
-    }
-}
-
 /// Turns of the in-cache key rotation, cached per run of equal deltas (see attend).
 struct Turns {
     float* cosines;
@@ -271,7 +239,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
     // Pass 1: scores; eight partial sums per dot product, added in a fixed order.
     for (std::size_t j = 0; j < n; ++j) {
         const T* k = keys(a.slots[j]);
-        for (std::size_t d = 0; d < dim; ++d) key[d] = widen(k[d]);
+        for (std::size_t d = 0; d < dim; ++d) key[d] = to_float(k[d]);
         if (!a.key_rotation.empty()) s.turns.rotate(key, static_cast<std::int32_t>(dim), a.key_rotation[j], a.rope);
         for (std::size_t g = 0; g < group; ++g) {
             const float* q = a.queries.data() + g * dim;
@@ -303,7 +271,7 @@ void attend_portable(const AttendArgs<T>& a, Scratch s) {
     // Pass 2: weighted values.
     for (std::size_t j = 0; j < n; ++j) {
         const T* v = values(a.slots[j]);
-        for (std::size_t d = 0; d < dim; ++d) key[d] = widen(v[d]);
+        for (std::size_t d = 0; d < dim; ++d) key[d] = to_float(v[d]);
         for (std::size_t g = 0; g < group; ++g) {
             const float p = s.scores[g * n + j];
             float* o = a.out.data() + g * dim;
