@@ -33,6 +33,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -228,26 +229,25 @@ struct Filled {
 };
 
 /// Filling a long context takes seconds, and Google Benchmark calls a benchmark several times while it
-/// settles the iteration count: the last cache built stays until one with another key is asked for.
+/// settles the iteration count: the last two caches built stay (Paired/ needs dense and its policy at
+/// once) until others are asked for.
 struct FixtureSlot {
     std::string key;
-    std::shared_ptr<void> object;  // one fixture alive at a time, whatever its policy
+    std::shared_ptr<void> object;  // whatever its policy
 };
-FixtureSlot& fixture_slot() {
-    static FixtureSlot slot;
-    return slot;
-}
 
 template <class Policy>
 Filled<Policy>& fixture(const std::string& key, const Policy& policy, std::int32_t layers, std::int64_t context,
                         std::int64_t extra = 0) {
-    FixtureSlot& slot = fixture_slot();
-    if (slot.key != key || !slot.object) {
-        slot.object.reset();
-        slot.object = std::make_shared<Filled<Policy>>(policy, layers, context, extra);
-        slot.key = key;
+    static std::array<FixtureSlot, 2> slots;  // [0] the most recently used
+    if (slots[1].key == key && slots[1].object) std::swap(slots[0], slots[1]);
+    if (slots[0].key != key || !slots[0].object) {
+        slots[1] = {};  // the older one goes before the new one is built
+        std::swap(slots[0], slots[1]);
+        slots[0].object = std::make_shared<Filled<Policy>>(policy, layers, context, extra);
+        slots[0].key = key;
     }
-    return *static_cast<Filled<Policy>*>(slot.object.get());
+    return *static_cast<Filled<Policy>*>(slots[0].object.get());
 }
 
 // ---- decode ------------------------------------------------------------------------------------------
@@ -256,22 +256,35 @@ Filled<Policy>& fixture(const std::string& key, const Policy& policy, std::int32
 template <class Make>
 using PolicyOf = std::invoke_result_t<const Make&, std::int32_t>;
 
+/// The layers a decode step of policy `name` at `context` cycles over: enough that one pass over them
+/// reads cold_bytes. The bytes of one step come from a one-layer probe (the same data as layer 0 of the
+/// real fixture), once per benchmark.
 template <class Make>
-void BM_Decode(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
-    using Policy = PolicyOf<Make>;
-    // Layers: enough that one pass over them reads cold_bytes. The bytes of one step come from a one-layer
-    // probe (the same data as layer 0 of the real fixture), once per benchmark.
+std::int32_t decode_layers(const std::string& name, const Make& make, std::int64_t context) {
     static std::map<std::string, std::int64_t> probed;
     const std::string key = name + "/" + std::to_string(context);
     if (!probed.contains(key)) {
-        Filled<Policy> probe(make(1), 1, context);
+        Filled<PolicyOf<Make>> probe(make(1), 1, context);
         Selection selection;
         probed[key] = probe.step_bytes(0, selection);
     }
     const std::int64_t bytes_per_step = probed[key];
-    const auto layers = static_cast<std::int32_t>(
-        std::clamp<std::int64_t>((cold_bytes + bytes_per_step - 1) / bytes_per_step, 1, max_layers));
-    Filled<Policy>& f = fixture("decode/" + key, make(layers), layers, context);
+    return static_cast<std::int32_t>(std::clamp<std::int64_t>((cold_bytes + bytes_per_step - 1) / bytes_per_step, 1, max_layers));
+}
+
+/// The fixture of Decode/<name>/<context>.
+template <class Make>
+Filled<PolicyOf<Make>>& decode_fixture(const std::string& name, const Make& make, std::int64_t context) {
+    const std::int32_t layers = decode_layers(name, make, context);
+    return fixture("decode/" + name + "/" + std::to_string(context), make(layers), layers, context);
+}
+
+const auto make_dense = [](std::int32_t) { return Dense{}; };
+
+template <class Make>
+void BM_Decode(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
+    auto& f = decode_fixture(name, make, context);
+    const std::int32_t layers = f.layers;
 
     Selection selection;
     std::int64_t bytes = 0, tokens = 0;
@@ -307,6 +320,47 @@ void BM_Decode(benchmark::State& state, const std::string& name, const Make& mak
     state.counters["bandwidth_fraction"] = mean_bytes / step / copy_bandwidth();
     state.counters["tokens_read"] = static_cast<double>(tokens) / layers;
     state.counters["layers"] = layers;
+    state.counters["threads"] = static_cast<double>(pool().size());
+}
+
+/// Decode/<name>/<context> and Decode/dense/<context> in turns: each iteration times one dense step, then
+/// a step of every layer of the policy's cache, and takes the ratio of the dense step to the policy's
+/// mean step. On a shared machine the memory bandwidth drifts over seconds (here up to 1.5x between runs
+/// a minute apart), so two benchmarks run one after the other can each see another machine; a pair a few
+/// milliseconds apart sees the same one. speedup: the median ratio over the iterations; dense_ns and
+/// step_ns: the median steps.
+template <class Make>
+void BM_Paired(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
+    auto& dense = decode_fixture("dense", make_dense, context);
+    auto& f = decode_fixture(name, make, context);
+    const auto step = [](auto& cache, std::int32_t layer) {
+        cache.cache.attend(cache.seq, layer, cache.queries[static_cast<std::size_t>(layer)], cache.out);
+        benchmark::DoNotOptimize(cache.out.data());
+    };
+    for (std::int32_t l = 0; l < f.layers; ++l) step(f, l);  // scratch grows once
+    step(dense, 0);
+
+    std::vector<double> ratios, dense_steps, policy_steps;
+    std::int32_t dense_layer = 0;
+    for (auto _ : state) {
+        const auto start = Clock::now();
+        step(dense, dense_layer);
+        const double dense_step = seconds_since(start);
+        const auto policy_start = Clock::now();
+        for (std::int32_t l = 0; l < f.layers; ++l) step(f, l);
+        const double policy_step = seconds_since(policy_start) / f.layers;
+        ratios.push_back(dense_step / policy_step);
+        dense_steps.push_back(dense_step);
+        policy_steps.push_back(policy_step);
+        dense_layer = dense_layer + 1 == dense.layers ? 0 : dense_layer + 1;
+    }
+    const auto median = [](std::vector<double>& v) {
+        std::sort(v.begin(), v.end());
+        return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+    };
+    state.counters["speedup"] = median(ratios);
+    state.counters["dense_ns"] = median(dense_steps) * 1e9;
+    state.counters["step_ns"] = median(policy_steps) * 1e9;
     state.counters["threads"] = static_cast<double>(pool().size());
 }
 
@@ -402,6 +456,11 @@ void add_policy(const std::string& name, Make make) {
             ->Unit(benchmark::kMicrosecond);
     }
     for (const std::int64_t context : small_contexts) {
+        if (name != "dense") {
+            benchmark::RegisterBenchmark(("Paired/" + name + "/" + std::to_string(context)).c_str(),
+                                         [=](benchmark::State& s) { BM_Paired(s, name, make, context); })
+                ->Unit(benchmark::kMicrosecond);
+        }
         benchmark::RegisterBenchmark(("Append/" + name + "/" + std::to_string(context)).c_str(),
                                      [=](benchmark::State& s) { BM_Append(s, name, make, context); })
             ->Unit(benchmark::kMicrosecond);
@@ -423,7 +482,7 @@ LServeHybrid lserve(std::int32_t layers) {
 
 void register_policies() {
     // One line per policy; every sparse one reads about token_budget tokens per step (per KV head).
-    add_policy("dense", [](std::int32_t) { return Dense{}; });
+    add_policy("dense", make_dense);
     add_policy("window", [](std::int32_t) { return SlidingWindow(token_budget); });
     add_policy("sink", [](std::int32_t) { return AttentionSink({.sinks = 4, .window = token_budget - 4}); });
     add_policy("h2o", [](std::int32_t) { return H2OHeavyHitter(token_budget / 2, token_budget / 2); });
