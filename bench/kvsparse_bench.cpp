@@ -48,6 +48,7 @@
 #include <utility>
 #include <vector>
 
+#include <kvsparse/detail/huge_page_allocator.hpp>
 #include <kvsparse/detail/thread_pool.hpp>
 #include <kvsparse/kvsparse.hpp>
 #include <kvsparse/policies/lserve.hpp>
@@ -444,6 +445,36 @@ void BM_AttendKernel(benchmark::State& state, detail::cpu::Isa isa, std::int32_t
                                                       benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
+/// Quest's page scores of one KV head (its 4 query heads, GQA max) over `pages` pages of float16 bounds
+/// with one instruction set, on the calling thread, each iteration the next head of enough heads that
+/// their bounds exceed the last-level cache several times: the scoring as a decode step does it, from
+/// memory. bytes_per_second: bounds read per second.
+void BM_PageScores(benchmark::State& state, detail::cpu::Isa isa, std::int32_t pages) {
+    if (isa != detail::cpu::Isa::portable && detail::cpu::page_rows_simd<Storage>(head_dim, isa) == nullptr) {
+        state.SkipWithError("this CPU has no such path");
+        return;
+    }
+    const std::int32_t group = q_heads / kv_heads;
+    const std::size_t per_head = KeyBounds<Storage>::elements(pages, head_dim);
+    const std::int64_t heads = std::max<std::int64_t>(1, 2 * cold_bytes / static_cast<std::int64_t>(per_head * sizeof(Storage)));
+    std::vector<Storage, detail::HugePageAllocator<Storage>> bounds(static_cast<std::size_t>(heads) * per_head);
+    Random random{11};
+    for (Storage& x : bounds) x = Storage(random.next());
+    std::vector<float> queries(static_cast<std::size_t>(group) * head_dim), scores(static_cast<std::size_t>(pages));
+    random.fill(queries);
+    std::int64_t head = 0;
+    for (auto _ : state) {
+        const auto view = KeyBounds<Storage>::packed(bounds.data() + static_cast<std::size_t>(head) * per_head, pages, page_size, head_dim);
+        detail::pages::page_scores(view, pages, queries, group, GqaAggregation::max, scores, isa);
+        benchmark::DoNotOptimize(scores.data());
+        head = head + 1 == heads ? 0 : head + 1;
+    }
+    state.counters["ns_per_page"] = benchmark::Counter(static_cast<double>(pages) * static_cast<double>(state.iterations()),
+                                                       benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+    state.counters["bytes_per_second"] = benchmark::Counter(static_cast<double>(per_head * sizeof(Storage)) * static_cast<double>(state.iterations()),
+                                                            benchmark::Counter::kIsRate);
+}
+
 // ---- registration --------------------------------------------------------------------------------------
 
 /// Decode/<name>/<context> at every context, Append/<name>/<context> at the small ones. make(layers) gives
@@ -507,6 +538,9 @@ void register_all() {
                                          [=](benchmark::State& s) { BM_AttendKernel(s, isa, keys); })
                 ->Unit(benchmark::kMicrosecond);
         }
+        benchmark::RegisterBenchmark(("PageScores/" + std::string(path.second) + "/2048").c_str(),
+                                     [=](benchmark::State& s) { BM_PageScores(s, isa, 2048); })
+            ->Unit(benchmark::kMicrosecond);
     }
     for (const std::int64_t context : small_contexts) {
         benchmark::RegisterBenchmark(("H2OUpdate/" + std::to_string(context)).c_str(),
