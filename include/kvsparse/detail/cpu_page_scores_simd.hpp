@@ -24,15 +24,12 @@ template <storage_type T>
 using PageRows = void (*)(const KeyBounds<const T>& bounds, std::int32_t first, std::int32_t count, const float* q, float* u);
 constexpr std::size_t page_rows_batch = 8;
 
-/// Requests page `page + ahead` (about 4 KiB ahead) while page `page` is scored.
-template <storage_type T>
-inline void prefetch_bounds(const KeyBounds<const T>& bounds, std::int32_t page) {
-    const std::size_t page_bytes = 2 * static_cast<std::size_t>(bounds.head_dim) * sizeof(T);
-    const auto ahead = static_cast<std::int32_t>(prefetch_rows(page_bytes));
-    if (page + ahead < bounds.pages) prefetch_row(bounds.kmin(page + ahead), page_bytes);
-}
-
 #if KVSPARSE_CPU_X86
+
+// The bounds of a stream are one sequential run, left to the hardware prefetchers. Software prefetches
+// 4 or 16 KiB ahead scored faster on one core alone (PageScores/avx512/2048: 38 -> 35 us), but made the
+// decode step on two cores slower, its page reads sharing the memory with the other core's scattered
+// K/V reads (Paired/quest/32768, median of six runs each: 6.58x -> 6.40x).
 
 // Both kernels score Group consecutive pages for Rows rows at once, so that one sum8x8 reduces their
 // Rows * Group sums: up to eight with AVX-512; AVX2, with half the registers and two per sum, groups
@@ -87,7 +84,6 @@ KVSPARSE_AVX2 void page_rows_avx2(const KeyBounds<const T>& bounds, std::int32_t
     constexpr int group = Rows > 2 ? 1 : 4 / Rows;
     std::int32_t i = 0;
     for (; i + group <= count; i += group) {
-        for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
         page_group_avx2<Rows, group>(bounds, first + i, q, u + i * Rows);
     }
     for (; i < count; ++i) page_group_avx2<Rows, 1>(bounds, first + i, q, u + i * Rows);
@@ -150,7 +146,6 @@ KVSPARSE_AVX512 void page_rows_avx512(const KeyBounds<const T>& bounds, std::int
     constexpr int group = Rows > 4 ? 1 : 16 / Rows;  // pages sharing each query chunk: up to 16 sums
     std::int32_t i = 0;
     for (; i + group <= count; i += group) {
-        for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
         page_group_avx512<Rows, group>(bounds, first + i, q, negative, u + i * Rows);
     }
     for (; i < count; ++i) page_group_avx512<Rows, 1>(bounds, first + i, q, negative, u + i * Rows);
