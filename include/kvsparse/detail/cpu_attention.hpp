@@ -81,9 +81,9 @@ struct Rows {
 };
 
 /// Requests the cache lines of `bytes` bytes at `row`: into every level (Locality 3), or L2 and below (2).
-/// Always inlined: GCC 12 takes a function whose only effect is a prefetch for one without side effects
-/// and drops the calls to it that it has not inlined yet (the page scorers' bounds prefetch was lost so,
-/// unnoticed, until the disassembly showed no prefetch in them).
+/// Always inlined, as any helper that does nothing but prefetch must be: GCC 12 takes such a function for
+/// one without side effects and drops the calls to it that it has not inlined yet (a bounds prefetch in
+/// the page scorers was lost so, unnoticed, until their disassembly showed no prefetch at all).
 template <int Locality = 3, class T>
 [[gnu::always_inline]] inline void prefetch_row(const T* row, std::size_t bytes) {
 #if defined(__GNUC__) || defined(__clang__)
