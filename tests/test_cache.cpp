@@ -178,6 +178,55 @@ TEST_CASE("sequences share the pool / remove and reset return every page", "[cac
     CHECK(cache.free_pages() == cache.total_pages());
 }
 
+TEST_CASE("decode appends take each stream's pages in runs / a pool with no page to spare still fills", "[cache][memory]") {
+    const int layers = 2, heads = 2, dim = 4, page = 4, tokens = 48, run = 4;
+    const int exact = layers * heads * (tokens / page);  // every page of the pool holds tokens at the end
+    const ref::Tokens data{11, heads, heads, dim};
+    const kvsparse::ModelShape shape{layers, heads, heads, dim};
+    KVCache<kvsparse::Dense> roomy(CacheConfig{shape, page, 4 * exact, std::nullopt, false, run}, kvsparse::Dense{});
+    KVCache<kvsparse::Dense> tight(CacheConfig{shape, page, exact, std::nullopt, false, run}, kvsparse::Dense{});
+    KVCache<kvsparse::Dense> single(CacheConfig{shape, page, exact, std::nullopt, false, 1}, kvsparse::Dense{});
+    const auto seq = roomy.add_sequence();
+    REQUIRE((tight.add_sequence() == seq && single.add_sequence() == seq));
+    std::vector<float> a(heads * dim), b(a.size()), c(a.size());
+    std::vector<int> held;
+    for (int t = 0; t < tokens; ++t) {
+        held.push_back(t);
+        for (int layer = 0; layer < layers; ++layer) {
+            for (auto* cache : {&roomy, &tight, &single}) {
+                cache->append(seq, layer, data.keys(layer, t, 1), data.values(layer, t, 1));
+                REQUIRE(cache->memory(seq).pages + cache->free_pages() == cache->total_pages());
+            }
+            const auto q = data.queries(layer, t, 1);
+            roomy.attend(seq, layer, q, a);
+            tight.attend(seq, layer, q, b);
+            single.attend(seq, layer, q, c);
+            REQUIRE((a == b && a == c));  // where the pages lie changes nothing
+            for (int qh = 0; qh < heads; ++qh)
+                REQUIRE(max_difference(&a[static_cast<std::size_t>(qh * dim)], expected(data, held, t, qh, layer)) <= tolerance);
+        }
+    }
+    // Runs: within each run of `run` pages a stream's pages are consecutive in the pool. One page at a
+    // time, the four streams' pages alternate instead.
+    for (int layer = 0; layer < layers; ++layer) {
+        for (int h = 0; h < heads; ++h) {
+            const kvsparse::PageTableView table = roomy.stream_view(seq, layer, h).table;
+            REQUIRE(table.num_pages == tokens / page);
+            for (int i = 1; i < table.num_pages; ++i)
+                if (i % run != 0) CHECK(table.pages[i] == table.pages[i - 1] + 1);
+        }
+    }
+    const kvsparse::PageTableView alternating = single.stream_view(seq, 0, 0).table;
+    CHECK(alternating.pages[1] == alternating.pages[0] + layers * heads);
+    // The tight pool ran short while streams held runs ahead: they went back and it filled every page.
+    CHECK(tight.free_pages() == 0);
+    REQUIRE_THROWS_AS(tight.append(seq, 0, data.keys(0, tokens, 1), data.values(0, tokens, 1)), kvsparse::pool_exhausted);
+    CHECK(tight.length(seq, 0) == tokens);
+    // Pages taken ahead go back with the sequence.
+    roomy.remove_sequence(seq);
+    CHECK(roomy.free_pages() == roomy.total_pages());
+}
+
 TEST_CASE("a prefill longer than the budget gives back the pages it no longer needs", "[cache][memory]") {
     const ref::Tokens data{8, 2, 1, 4};
     KVCache<AttentionSink> cache(CacheConfig{{1, 2, 1, 4}, 4, 64}, AttentionSink{{4, 12}});

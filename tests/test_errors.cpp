@@ -110,6 +110,7 @@ TEST_CASE("construction errors name the field and the value", "[errors]") {
     expect_error<invalid_argument>(make({2, 6, 4, 8}, 16, 8), {"q_heads = 6", "kv_heads"});
     expect_error<invalid_argument>(make(good, 16, 0), {"num_pages = 0"});
     expect_error<invalid_argument>(make(good, 16, -3), {"num_pages = -3"});
+    expect_error<invalid_argument>([=] { Cache(CacheConfig{good, 16, 8, std::nullopt, false, 0}, AttentionSink{}); }, {"page_run = 0"});
     expect_error<invalid_argument>(make({2, 4, 2, 7}, 16, 8, Rope{}), {"head_dim = 7", "even"});
     expect_error<invalid_argument>(make(good, 16, 8, Rope{kvsparse::RopeStyle::interleaved, 0.0f}), {"rope.theta = 0"});
     expect_error<invalid_argument>(make(good, 16, 8, Rope{kvsparse::RopeStyle::half_split, -1.0f}), {"rope.theta = -1"});
