@@ -150,7 +150,7 @@ def markdown(context, decode, copy, other):
     if pairs:
         order = {p: i for i, p in enumerate(ORDER)}
         lines.append("")
-        lines.append("Dense and the policy's step timed in turns (`Paired/`, medians over the iterations):")
+        lines.append("Dense and the policy's step timed in turns (`Paired/`, medians over 100 pairs or more):")
         lines.append("")
         lines.append("| policy | context | dense step (us) | policy step (us) | speedup over dense | of the bound L/(L/P+B) |")
         lines.append("|---|---:|---:|---:|---:|---:|")
