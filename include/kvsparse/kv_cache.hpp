@@ -510,19 +510,18 @@ private:
     /// to hold `slots_after(slots, capacity)` slots; then takes them.
     template <class SlotsAfter>
     void reserve_pages(Sequence& sequence, std::int32_t layer, SlotsAfter slots_after) {
-        const auto wanted = [&](std::int32_t h) {  // pages stream h lacks
-            const Stream& s = stream_at(sequence, layer, h);
-            const std::int64_t slots = slots_after(static_cast<std::int32_t>(s.positions.size()), policy_.capacity(layer, h));
-            return std::max<std::int64_t>(0, pool_.pages_for(slots) - static_cast<std::int64_t>(s.pages.size()));
-        };
-        const auto from_pool = [&](std::int32_t h) {  // of those, the ones its spares do not cover
-            return std::max<std::int64_t>(0, wanted(h) - static_cast<std::int64_t>(stream_at(sequence, layer, h).spare.size()));
-        };
+        // Pages each stream lacks, once per head; most decode appends need none.
+        lacking_.resize(static_cast<std::size_t>(config_.shape.kv_heads));
         std::int64_t needed = 0, needed_from_pool = 0;
         for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
-            needed += wanted(h);
-            needed_from_pool += from_pool(h);
+            const Stream& s = stream_at(sequence, layer, h);
+            const std::int64_t slots = slots_after(static_cast<std::int32_t>(s.positions.size()), policy_.capacity(layer, h));
+            const std::int64_t lacking = std::max<std::int64_t>(0, pool_.pages_for(slots) - static_cast<std::int64_t>(s.pages.size()));
+            lacking_[static_cast<std::size_t>(h)] = lacking;
+            needed += lacking;
+            needed_from_pool += std::max<std::int64_t>(0, lacking - static_cast<std::int64_t>(s.spare.size()));
         }
+        if (needed == 0) return;
         if (needed > free_pages()) {
             throw pool_exhausted("page pool: layer " + std::to_string(layer) + " needs " + std::to_string(needed) +
                                  " more pages, " + std::to_string(free_pages()) + " of " +
@@ -534,8 +533,8 @@ private:
         }
         for (std::int32_t h = 0; h < config_.shape.kv_heads; ++h) {
             Stream& s = stream_at(sequence, layer, h);
-            const std::int64_t lacking = wanted(h);
-            needed_from_pool -= from_pool(h);
+            const std::int64_t lacking = lacking_[static_cast<std::size_t>(h)];
+            needed_from_pool -= std::max<std::int64_t>(0, lacking - static_cast<std::int64_t>(s.spare.size()));
             if (lacking > static_cast<std::int64_t>(s.spare.size())) {
                 // A run: what the stream lacks, up to page_run if its policy can fill that many and the
                 // pool keeps enough for the streams after it.
@@ -882,7 +881,8 @@ private:
     Backend backend_;
     detail::PagePool<T> pool_;
     std::vector<std::optional<Sequence>> sequences_;
-    std::int32_t spare_pages_ = 0;  // pages streams have taken ahead of need (CacheConfig::page_run)
+    std::int32_t spare_pages_ = 0;        // pages streams have taken ahead of need (CacheConfig::page_run)
+    std::vector<std::int64_t> lacking_;   // reserve_pages: pages each stream of the layer lacks
 
     // Scratch reused across calls, so steady-state decode does not allocate.
     std::vector<std::int32_t> scratch_slots_, prefill_order_, order_positions_, visible_, positions_;
