@@ -407,7 +407,7 @@ public:
 private:
     struct Stream {
         std::vector<std::int32_t> pages;
-        std::vector<std::int32_t> spare;      // pages taken ahead, the next to use last
+        std::vector<std::int32_t> spare;      // pages taken ahead; the next one to use is at the back
         std::vector<std::int32_t> positions;  // per slot; its size is the slot high-water mark
         std::vector<float> scores;            // per slot when the policy accumulates attention, else empty
         std::vector<T, detail::HugePageAllocator<T>> bounds;  // per bounds page [kmin][kmax] if kept (huge pages: read whole)
