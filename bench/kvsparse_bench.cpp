@@ -20,6 +20,11 @@
 //   H2OUpdate/<context>        H2O's per-step eviction choice over its budget, for all 8 KV heads (the
 //                              score accumulation itself is fused into attention, so it is in
 //                              Decode/h2o).
+//   Paired/<policy>/<context>  Decode/dense and Decode/<policy> steps in turns (100 pairs at least): the
+//                              Quest goal's measure on a machine whose memory drifts. speedup: median
+//                              ratio of a dense step to the policy's; dense_ns, step_ns: median steps.
+//   PageScores/<isa>/2048      Quest's page scores of one KV head (4 query heads) over 2048 float16 bounds
+//                              pages, from memory, on one thread. ns_per_page, bytes_per_second.
 //   AttendKernel/<isa>/<keys>  the CPU attention kernel with one instruction set (avx512, avx2, portable;
 //                              CpuBackend takes the widest the CPU has) for one KV head (4 query heads)
 //                              over `keys` keys on one thread, the data in L2: the kernel's arithmetic
@@ -82,6 +87,13 @@ constexpr std::int32_t max_layers = 16;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
+/// The median of `v` (not empty); sorts it.
+double median(std::vector<double>& v) {
+    std::sort(v.begin(), v.end());
+    const std::size_t half = v.size() / 2;
+    return v.size() % 2 ? v[half] : 0.5 * (v[half - 1] + v[half]);
+}
+
 /// The benchmarks' threads, the copy's as the attention's: CpuBackend's default (the hardware's) unless
 /// --threads=N says otherwise.
 int threads = detail::ThreadPool::default_threads();
@@ -139,9 +151,8 @@ const CopyRates& copy_rates() {
             copy(rep % 2 ? b : a, rep % 2 ? a : b);
             seconds.push_back(seconds_since(start));
         }
-        std::sort(seconds.begin(), seconds.end());
-        const double median = 0.5 * (seconds[5] + seconds[6]);
-        return CopyRates{2.0 * static_cast<double>(bytes) / median, 2.0 * static_cast<double>(bytes) / seconds.front()};
+        const double typical = median(seconds);  // sorts them
+        return CopyRates{2.0 * static_cast<double>(bytes) / typical, 2.0 * static_cast<double>(bytes) / seconds.front()};
     }();
     return measured;
 }
@@ -207,6 +218,12 @@ struct Filled {
             queries.emplace_back(out.size());
             random.fill(queries.back());
         }
+    }
+
+    /// One decode attention of `layer`'s query.
+    void step(std::int32_t layer) {
+        cache.attend(seq, layer, queries[static_cast<std::size_t>(layer)], out);
+        benchmark::DoNotOptimize(out.data());
     }
 
     /// Bytes a decode step of `layer` reads: the K/V rows of every selected set, plus the policy's metadata:
@@ -292,14 +309,13 @@ void BM_Decode(benchmark::State& state, const std::string& name, const Make& mak
     for (std::int32_t l = 0; l < layers; ++l) {
         bytes += f.step_bytes(l, selection);
         tokens += static_cast<std::int64_t>(selection.slots.size());
-        f.cache.attend(f.seq, l, f.queries[static_cast<std::size_t>(l)], f.out);  // scratch grows once
+        f.step(l);  // scratch grows once
     }
 
     std::int32_t layer = 0;
     const auto start = Clock::now();
     for (auto _ : state) {
-        f.cache.attend(f.seq, layer, f.queries[static_cast<std::size_t>(layer)], f.out);
-        benchmark::DoNotOptimize(f.out.data());
+        f.step(layer);
         layer = layer + 1 == layers ? 0 : layer + 1;
     }
     const double step = seconds_since(start) / static_cast<double>(state.iterations());
@@ -334,21 +350,17 @@ template <class Make>
 void BM_Paired(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
     auto& dense = decode_fixture("dense", make_dense, context);
     auto& f = decode_fixture(name, make, context);
-    const auto step = [](auto& cache, std::int32_t layer) {
-        cache.cache.attend(cache.seq, layer, cache.queries[static_cast<std::size_t>(layer)], cache.out);
-        benchmark::DoNotOptimize(cache.out.data());
-    };
-    for (std::int32_t l = 0; l < f.layers; ++l) step(f, l);  // scratch grows once
-    step(dense, 0);
+    for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);  // scratch grows once
+    dense.step(0);
 
     std::vector<double> ratios, dense_steps, policy_steps;
     std::int32_t dense_layer = 0;
     const auto pair = [&] {
         const auto start = Clock::now();
-        step(dense, dense_layer);
+        dense.step(dense_layer);
         const double dense_step = seconds_since(start);
         const auto policy_start = Clock::now();
-        for (std::int32_t l = 0; l < f.layers; ++l) step(f, l);
+        for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);
         const double policy_step = seconds_since(policy_start) / f.layers;
         ratios.push_back(dense_step / policy_step);
         dense_steps.push_back(dense_step);
@@ -359,10 +371,6 @@ void BM_Paired(benchmark::State& state, const std::string& name, const Make& mak
     // At least 100 pairs, whatever --benchmark_min_time allows: a neighbour's burst of a few milliseconds
     // can be most of a short run, and the medians should not see it.
     while (ratios.size() < 100) pair();
-    const auto median = [](std::vector<double>& v) {
-        std::sort(v.begin(), v.end());
-        return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-    };
     state.counters["speedup"] = median(ratios);
     state.counters["dense_ns"] = median(dense_steps) * 1e9;
     state.counters["step_ns"] = median(policy_steps) * 1e9;
@@ -399,7 +407,7 @@ void BM_Append(benchmark::State& state, const std::string& name, const Make& mak
 void BM_H2OUpdate(benchmark::State& state, std::int64_t context) {
     const H2OHeavyHitter policy(token_budget / 2, token_budget / 2);
     Filled<H2OHeavyHitter>& f = fixture("h2o-update/" + std::to_string(context), policy, 1, context);
-    f.cache.attend(f.seq, 0, f.queries[0], f.out);  // scores that are not all zero
+    f.step(0);  // scores that are not all zero
     for (auto _ : state) {
         for (std::int32_t h = 0; h < kv_heads; ++h) benchmark::DoNotOptimize(policy.place(f.cache.stream_state(f.seq, 0, h)));
     }
