@@ -80,7 +80,8 @@ struct Rows {
     }
 };
 
-/// Requests the cache lines of `bytes` bytes at `row`: into every level (Locality 3), or L2 and below (2).
+/// Requests the cache lines of `bytes` bytes at `row`: into every level (Locality 3), L2 and below (2), or
+/// non-temporally (0: data read once, kept from displacing what the caches hold).
 /// Always inlined, as any helper that does nothing but prefetch must be: GCC 12 takes such a function for
 /// one without side effects and drops the calls to it that it has not inlined yet (a bounds prefetch in
 /// the page scorers was lost so, unnoticed, until their disassembly showed no prefetch at all).

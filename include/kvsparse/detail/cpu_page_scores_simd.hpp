@@ -9,6 +9,7 @@
 // page_rows_simd gives the kernels for this CPU and head dimension, or nullptr where none applies: not
 // x86, no AVX2/F16C, or a head dimension that is not a multiple of 8 (AVX-512: of 16, and at most 512).
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -24,12 +25,23 @@ template <storage_type T>
 using PageRows = void (*)(const KeyBounds<const T>& bounds, std::int32_t first, std::int32_t count, const float* q, float* u);
 constexpr std::size_t page_rows_batch = 8;
 
-#if KVSPARSE_CPU_X86
+/// How far ahead of the page being scored its stream's bounds are asked for.
+inline constexpr std::size_t bounds_ahead_bytes = 8192;
 
-// The bounds of a stream are one sequential run, left to the hardware prefetchers. Software prefetches
-// 4 or 16 KiB ahead scored faster on one core alone (PageScores/avx512/2048: 38 -> 35 us), but made the
-// decode step on two cores slower, its page reads sharing the memory with the other core's scattered
-// K/V reads (Paired/quest/32768, median of six runs each: 6.58x -> 6.40x).
+/// Asks for the bounds of the page bounds_ahead_bytes after `page`, if the stream has one: non-temporally,
+/// as each step reads them once. The bounds are one sequential run, but the hardware prefetchers alone
+/// keep too few of its lines in flight: with this, the two-core Quest step at 32K runs 3-9% faster (4 to
+/// 16 KiB ahead) and one core scores a head's 2048 pages in 33-36 us instead of 43-48. (A day earlier, on
+/// the same virtual machine, it had made the two-core step 5% slower: docs/benchmarks.md.) Always inlined
+/// (see prefetch_row).
+template <storage_type T>
+[[gnu::always_inline]] inline void prefetch_bounds(const KeyBounds<const T>& bounds, std::int32_t page) {
+    const std::size_t page_bytes = static_cast<std::size_t>(bounds.page_stride) * sizeof(T);
+    const auto ahead = static_cast<std::int32_t>(std::max<std::size_t>(1, bounds_ahead_bytes / page_bytes));
+    if (page + ahead < bounds.pages) prefetch_row<0>(bounds.kmin(page + ahead), 2 * static_cast<std::size_t>(bounds.head_dim) * sizeof(T));
+}
+
+#if KVSPARSE_CPU_X86
 
 // Both kernels score Group consecutive pages for Rows rows at once, so that one sum8x8 reduces their
 // Rows * Group sums: up to eight with AVX-512; AVX2, with half the registers and two per sum, groups
@@ -84,6 +96,7 @@ KVSPARSE_AVX2 void page_rows_avx2(const KeyBounds<const T>& bounds, std::int32_t
     constexpr int group = Rows > 2 ? 1 : 4 / Rows;
     std::int32_t i = 0;
     for (; i + group <= count; i += group) {
+        for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
         page_group_avx2<Rows, group>(bounds, first + i, q, u + i * Rows);
     }
     for (; i < count; ++i) page_group_avx2<Rows, 1>(bounds, first + i, q, u + i * Rows);
@@ -146,6 +159,7 @@ KVSPARSE_AVX512 void page_rows_avx512(const KeyBounds<const T>& bounds, std::int
     constexpr int group = Rows > 4 ? 1 : 16 / Rows;  // pages sharing each query chunk: up to 16 sums
     std::int32_t i = 0;
     for (; i + group <= count; i += group) {
+        for (int g = 0; g < group; ++g) prefetch_bounds(bounds, first + i + g);
         page_group_avx512<Rows, group>(bounds, first + i, q, negative, u + i * Rows);
     }
     for (; i < count; ++i) page_group_avx512<Rows, 1>(bounds, first + i, q, negative, u + i * Rows);

@@ -58,6 +58,7 @@ void page_rows_portable(const KeyBounds<const T>& bounds, std::int32_t first, st
     const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
     float lo_chunk[chunk], hi_chunk[chunk];
     for (std::int32_t i = 0; i < count; ++i) {
+        cpu::prefetch_bounds(bounds, first + i);
         const T* kmin = bounds.kmin(first + i);
         const T* kmax = bounds.kmax(first + i);
         float lanes[Rows][16] = {};
