@@ -23,6 +23,9 @@
 //   Paired/<policy>/<context>  Decode/dense and Decode/<policy> steps in turns (100 pairs at least): the
 //                              Quest goal's measure on a machine whose memory drifts. speedup: median
 //                              ratio of a dense step to the policy's; dense_ns, step_ns: median steps.
+//   Paired/dense/<context>     Decode/dense steps and 256 MiB copies in turns: the dense goal's measure.
+//                              bandwidth_fraction: median over the pairs of the step's rate over the
+//                              copy's; dense_ns, copy_bytes_per_second: the medians.
 //   PageScores/<isa>/2048      Quest's page scores of one KV head (4 query heads) over 2048 float16 bounds
 //                              pages, from memory, on one thread. ns_per_page, bytes_per_second.
 //   AttendKernel/<isa>/<keys>  the CPU attention kernel with one instruction set (avx512, avx2, portable;
@@ -340,12 +343,38 @@ void BM_Decode(benchmark::State& state, const std::string& name, const Make& mak
     state.counters["threads"] = static_cast<double>(pool().size());
 }
 
-/// Decode/<name>/<context> and Decode/dense/<context> in turns: each iteration times one dense step, then
-/// a step of every layer of the policy's cache, and takes the ratio of the dense step to the policy's
-/// mean step. On a shared machine the memory bandwidth drifts over seconds (here up to 1.5x between runs
-/// a minute apart), so two benchmarks run one after the other can each see another machine; a pair a few
-/// milliseconds apart sees the same one. speedup: the median ratio over the pairs (100 at least); dense_ns
-/// and step_ns: the median steps.
+/// The seconds of two things timed in turns, pair by pair.
+struct TimedPairs {
+    std::vector<double> first, second;
+
+    /// first[i] / second[i] for every pair.
+    std::vector<double> ratios() const {
+        std::vector<double> r(first.size());
+        for (std::size_t i = 0; i < r.size(); ++i) r[i] = first[i] / second[i];
+        return r;
+    }
+};
+
+/// Times first() and second() (each returns its seconds) in turns, once per iteration and at least 100
+/// times, whatever --benchmark_min_time allows: a neighbour's burst of a few milliseconds can be most of
+/// a short run, and the medians taken of the pairs should not see it. On a shared machine the memory
+/// bandwidth drifts over seconds (here up to 1.5x between runs a minute apart), so two benchmarks run one
+/// after the other can each see another machine; a pair a few milliseconds apart sees the same one.
+template <class First, class Second>
+TimedPairs in_turns(benchmark::State& state, First first, Second second) {
+    TimedPairs t;
+    const auto pair = [&] {
+        t.first.push_back(first());
+        t.second.push_back(second());
+    };
+    for (auto _ : state) pair();
+    while (t.first.size() < 100) pair();
+    return t;
+}
+
+/// Paired/<name>/<context>: Decode/dense/<context> and Decode/<name>/<context> in turns: one dense step,
+/// then a step of every layer of the policy's cache. speedup: the median ratio of the dense step to the
+/// policy's mean step; dense_ns and step_ns: the median steps.
 template <class Make>
 void BM_Paired(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
     auto& dense = decode_fixture("dense", make_dense, context);
@@ -353,27 +382,60 @@ void BM_Paired(benchmark::State& state, const std::string& name, const Make& mak
     for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);  // scratch grows once
     dense.step(0);
 
-    std::vector<double> ratios, dense_steps, policy_steps;
     std::int32_t dense_layer = 0;
-    const auto pair = [&] {
-        const auto start = Clock::now();
-        dense.step(dense_layer);
-        const double dense_step = seconds_since(start);
-        const auto policy_start = Clock::now();
-        for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);
-        const double policy_step = seconds_since(policy_start) / f.layers;
-        ratios.push_back(dense_step / policy_step);
-        dense_steps.push_back(dense_step);
-        policy_steps.push_back(policy_step);
-        dense_layer = dense_layer + 1 == dense.layers ? 0 : dense_layer + 1;
-    };
-    for (auto _ : state) pair();
-    // At least 100 pairs, whatever --benchmark_min_time allows: a neighbour's burst of a few milliseconds
-    // can be most of a short run, and the medians should not see it.
-    while (ratios.size() < 100) pair();
+    TimedPairs t = in_turns(
+        state,
+        [&] {
+            const auto start = Clock::now();
+            dense.step(dense_layer);
+            dense_layer = dense_layer + 1 == dense.layers ? 0 : dense_layer + 1;
+            return seconds_since(start);
+        },
+        [&] {
+            const auto start = Clock::now();
+            for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);
+            return seconds_since(start) / f.layers;
+        });
+    auto ratios = t.ratios();
     state.counters["speedup"] = median(ratios);
-    state.counters["dense_ns"] = median(dense_steps) * 1e9;
-    state.counters["step_ns"] = median(policy_steps) * 1e9;
+    state.counters["dense_ns"] = median(t.first) * 1e9;
+    state.counters["step_ns"] = median(t.second) * 1e9;
+    state.counters["threads"] = static_cast<double>(pool().size());
+}
+
+/// Paired/dense/<context>: Decode/dense/<context> and the 256 MiB copy of copy_rates() in turns, for a
+/// bandwidth fraction whose two rates saw the same machine (Decode's compares a step with a copy timed
+/// once, seconds or minutes away). bandwidth_fraction: the median over the pairs of the step's bytes
+/// read per second over the copy's bytes read and written per second; dense_ns: the median step;
+/// copy_bytes_per_second: the median copy.
+void BM_PairedCopy(benchmark::State& state, std::int64_t context) {
+    auto& dense = decode_fixture("dense", make_dense, context);
+    Selection selection;
+    const double step_bytes = static_cast<double>(dense.step_bytes(0, selection));
+    constexpr std::int64_t copy_bytes = 256 * mib;
+    static Buffer from(copy_bytes), to(copy_bytes);
+    dense.step(0);
+
+    std::int32_t layer = 0;
+    TimedPairs t = in_turns(
+        state,
+        [&] {
+            const auto start = Clock::now();
+            dense.step(layer);
+            layer = layer + 1 == dense.layers ? 0 : layer + 1;
+            return seconds_since(start);
+        },
+        [&] {
+            const auto start = Clock::now();
+            copy(from, to);
+            return seconds_since(start);
+        });
+    // (step_bytes / step) / (2 copy_bytes / copy) = (copy / step) * step_bytes / (2 copy_bytes)
+    auto fractions = t.ratios();
+    for (double& f : fractions) f = step_bytes / (2.0 * copy_bytes) / f;
+    state.counters["bandwidth_fraction"] = median(fractions);
+    state.counters["dense_ns"] = median(t.first) * 1e9;
+    state.counters["copy_bytes_per_second"] = 2.0 * copy_bytes / median(t.second);
     state.counters["threads"] = static_cast<double>(pool().size());
 }
 
@@ -499,11 +561,15 @@ void add_policy(const std::string& name, Make make) {
             ->Unit(benchmark::kMicrosecond);
     }
     for (const std::int64_t context : small_contexts) {
-        if (name != "dense") {
-            benchmark::RegisterBenchmark(("Paired/" + name + "/" + std::to_string(context)).c_str(),
-                                         [=](benchmark::State& s) { BM_Paired(s, name, make, context); })
-                ->Unit(benchmark::kMicrosecond);
-        }
+        benchmark::RegisterBenchmark(("Paired/" + name + "/" + std::to_string(context)).c_str(),
+                                     [=](benchmark::State& s) {
+                                         if (name == "dense") {
+                                             BM_PairedCopy(s, context);  // dense's pair is the copy
+                                         } else {
+                                             BM_Paired(s, name, make, context);
+                                         }
+                                     })
+            ->Unit(benchmark::kMicrosecond);
         benchmark::RegisterBenchmark(("Append/" + name + "/" + std::to_string(context)).c_str(),
                                      [=](benchmark::State& s) { BM_Append(s, name, make, context); })
             ->Unit(benchmark::kMicrosecond);

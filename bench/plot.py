@@ -8,8 +8,9 @@ context, with the memory bound of a page-selecting policy, L / (L/P + B) (it rea
 the key bounds of L/P pages, each bounds page as many bytes as one token's K and V), and the bound of a
 policy that reads only its budget, L / B. A second panel shows bandwidth_fraction. --markdown prints the
 tables of docs/benchmarks.md; --check prints the two CPU goals of the suite and exits non-zero if one is
-missed. The Quest goal takes Paired/quest/32768's speedup (dense and Quest steps timed in turns) where
-the run has it, else the ratio of the two Decode steps. Needs numpy and matplotlib (Debian:
+missed. Each goal takes its Paired/ benchmark where the run has it, else the Decode results: the dense
+goal Paired/dense/32768's bandwidth_fraction (dense steps and copies timed in turns), the Quest goal
+Paired/quest/32768's speedup (dense and Quest steps timed in turns). Needs numpy and matplotlib (Debian:
 python3-matplotlib) for the figure only.
 """
 
@@ -147,14 +148,24 @@ def markdown(context, decode, copy, other):
         slope, intercept, rms, r2 = fit_line([x for x, _ in pts], [y for _, y in pts])
         lines.append(f"| {p} | {slope * 1e3:.1f} | {intercept / 1e3:.1f} | {rms / 1e3:.1f} | {r2:.4f} |")
     pairs = paired(other)
-    if pairs:
+    copies = {L: b for (p, L), b in pairs.items() if p == "dense"}
+    if copies:
+        lines.append("")
+        lines.append("Dense steps and 256 MiB copies timed in turns (`Paired/dense/`, medians over 100 pairs or more):")
+        lines.append("")
+        lines.append("| context | dense step (us) | copy (GB/s) | bandwidth fraction |")
+        lines.append("|---:|---:|---:|---:|")
+        for L, b in sorted(copies.items()):
+            lines.append(f"| {L} | {b['dense_ns'] / 1e3:.0f} | {b['copy_bytes_per_second'] / 1e9:.1f} | {b['bandwidth_fraction']:.2f} |")
+    steps = {k: b for k, b in pairs.items() if k[0] != "dense"}
+    if steps:
         order = {p: i for i, p in enumerate(ORDER)}
         lines.append("")
         lines.append("Dense and the policy's step timed in turns (`Paired/`, medians over 100 pairs or more):")
         lines.append("")
         lines.append("| policy | context | dense step (us) | policy step (us) | speedup over dense | of the bound L/(L/P+B) |")
         lines.append("|---|---:|---:|---:|---:|---:|")
-        for (p, L), b in sorted(pairs.items(), key=lambda kv: (order.get(kv[0][0], len(ORDER)), kv[0])):
+        for (p, L), b in sorted(steps.items(), key=lambda kv: (order.get(kv[0][0], len(ORDER)), kv[0])):
             lines.append(f"| {p} | {L} | {b['dense_ns'] / 1e3:.0f} | {b['step_ns'] / 1e3:.0f} | {b['speedup']:.2f} | "
                          f"{b['speedup'] / bound_pages(L, B):.2f} |")
     extra = sorted(n for n in other if n.startswith(("Append/", "H2OUpdate/")))
@@ -180,12 +191,13 @@ def paired(other):
 def check(context, decode, other):
     B = budget(context)
     ok = True
-    dense = decode.get(("dense", 32768))
-    if dense:
-        f = dense["bandwidth_fraction"]
+    dense, dense_pair = decode.get(("dense", 32768)), paired(other).get(("dense", 32768))
+    if dense or dense_pair:
+        # The paired fraction compares a step and a copy that saw the same memory bandwidth.
+        f, how = (dense_pair["bandwidth_fraction"], "paired with copies") if dense_pair else (dense["bandwidth_fraction"], "one copy reference")
         good = f >= GOAL_DENSE_FRACTION
         ok &= good
-        print(f"dense decode at 32K: {f:.2f} of copy bandwidth (goal >= {GOAL_DENSE_FRACTION}): {'met' if good else 'NOT met'}")
+        print(f"dense decode at 32K: {f:.2f} of copy bandwidth ({how}) (goal >= {GOAL_DENSE_FRACTION}): {'met' if good else 'NOT met'}")
     pair = paired(other).get(("quest", 32768))
     quest = decode.get(("quest", 32768))
     if pair or (quest and "speedup" in quest):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full kvsparse-bench sweep behind docs/benchmarks.md, then its figure and tables. One process for the
-# copy, dense decode, append and the H2O update, and one per sparse policy with dense decode (and the
+# copy, dense decode (and its steps in turns with the copy), append and the H2O update, and one per sparse policy with dense decode (and the
 # policy's Paired/ steps, dense and the policy in turns) in the same process, so that every speedup is a
 # ratio of two results of one run. Run from anywhere:
 #
@@ -27,7 +27,7 @@ run() {  # name filter
     # shellcheck disable=SC2086
     "$bin" --benchmark_filter="$2" --benchmark_out="$out/$1.json" --benchmark_out_format=json ${KVSPARSE_BENCH_FLAGS:-}
 }
-run base '^(Copy/.*|Decode/dense/.*|Append/.*|H2OUpdate/.*)$'
+run base '^(Copy/.*|Decode/dense/.*|Paired/dense/.*|Append/.*|H2OUpdate/.*)$'
 policies=$("$bin" --benchmark_list_tests | sed -n 's|^Decode/\([a-z0-9_]*\)/.*|\1|p' | grep -v '^dense$' | uniq)
 files=("$out/base.json")
 for p in $policies; do
