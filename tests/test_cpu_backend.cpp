@@ -23,6 +23,7 @@
 #include "random_bounds.hpp"
 
 #include <kvsparse/detail/cpu_attention.hpp>
+#include <kvsparse/detail/cpu_convert.hpp>
 #include <kvsparse/detail/cpu_page_scores_simd.hpp>
 #include <kvsparse/detail/cpu_page_select.hpp>
 #include <kvsparse/detail/huge_page_allocator.hpp>
@@ -236,6 +237,80 @@ TEST_CASE("float16 widening is exact for every bit pattern", "[cpu][dtype]") {
         std::uint32_t got;
         std::memcpy(&got, &got_value, 4);
         if (got != want) FAIL("pattern " << bits << ": " << got_value << ", bits " << got << " != " << want);
+    }
+}
+
+TEST_CASE("append's narrowing and bounds fold give the scalar conversions' bits, F16C or not", "[cpu][dtype]") {
+    // narrow: every float16 value, the halfway points between neighbours and a float either side of them,
+    // signed zeros, infinities, NaNs with several payloads, overflow and underflow, random floats; a count
+    // that is not a multiple of 8, so the vector loop's tail runs too.
+    std::vector<float> x;
+    for (std::uint32_t bits = 0; bits < 0x10000u; ++bits) {
+        const float v = half::to_float(static_cast<std::uint16_t>(bits));
+        x.push_back(v);
+        const float next = half::to_float(static_cast<std::uint16_t>(bits + 1));
+        if (std::isfinite(v) && std::isfinite(next) && (bits & 0x7fffu) != 0x7bffu) {
+            const float mid = static_cast<float>((static_cast<double>(v) + next) / 2);
+            x.insert(x.end(), {mid, std::nextafter(mid, -INFINITY), std::nextafter(mid, INFINITY)});
+        }
+    }
+    for (const std::uint32_t nan : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0x7fbfffffu, 0xff812345u, 0x7fffffffu}) {
+        float f;
+        std::memcpy(&f, &nan, 4);
+        x.push_back(f);
+    }
+    x.insert(x.end(), {65519.0f, 65520.0f, 1e30f, -1e30f, 0x1p-25f, 0x1.8p-25f, -0x1p-26f, 0.0f, -0.0f, INFINITY, -INFINITY});
+    std::mt19937 rng(17);
+    std::normal_distribution<float> normal(0.0f, 1000.0f);
+    for (int i = 0; i < 10001; ++i) x.push_back(normal(rng));
+
+    std::vector<half> got(x.size());
+    kvsparse::detail::cpu::narrow(x.data(), got.data(), x.size());
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) wrong += got[i].bits != half::from_float(x[i]);
+    CHECK(wrong == 0);
+    std::vector<bfloat16> got_b(x.size());
+    kvsparse::detail::cpu::narrow(x.data(), got_b.data(), x.size());
+    wrong = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) wrong += got_b[i].bits != bfloat16::from_float(x[i]);
+    CHECK(wrong == 0);
+
+    // fold_bounds: random bit patterns (NaN, infinities and both zeros among them, often equal) against
+    // fold_key_bound element by element, then update_key_bounds from float keys against the same.
+    std::uniform_int_distribution<int> pattern(0, 0xffff), pick(0, 7);
+    const std::uint16_t specials[] = {0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0x7d01, 0x3c00, 0xbc00};
+    const auto random_half = [&] {
+        half h;
+        h.bits = static_cast<std::uint16_t>(pick(rng) < 2 ? specials[pick(rng)] : pattern(rng));
+        return h;
+    };
+    for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{8}, std::size_t{100}, std::size_t{4096}}) {
+        for (const bool first : {false, true}) {
+            std::vector<half> lo(n), hi(n), stored(n);
+            for (std::size_t i = 0; i < n; ++i) {
+                lo[i] = random_half();
+                hi[i] = pick(rng) == 0 ? lo[i] : random_half();
+                stored[i] = pick(rng) == 0 ? lo[i] : random_half();
+            }
+            std::vector<half> want_lo = lo, want_hi = hi;
+            for (std::size_t i = 0; i < n; ++i) kvsparse::fold_key_bound(want_lo[i], want_hi[i], stored[i], first);
+            kvsparse::detail::cpu::fold_bounds(lo.data(), hi.data(), stored.data(), n, first);
+            wrong = 0;
+            for (std::size_t i = 0; i < n; ++i) wrong += lo[i].bits != want_lo[i].bits || hi[i].bits != want_hi[i].bits;
+            CAPTURE(n, first);
+            CHECK(wrong == 0);
+        }
+    }
+    constexpr std::int32_t dim = 136;  // 17 chunks of 8
+    std::vector<half> bounds(2 * dim), want(2 * dim);
+    const auto view = kvsparse::KeyBounds<half>::packed(bounds.data(), 1, 16, dim);
+    for (int key = 0; key < 50; ++key) {
+        std::vector<float> k(dim);
+        for (float& v : k) v = key % 10 == 3 ? x[static_cast<std::size_t>(pattern(rng))] : normal(rng);
+        kvsparse::detail::pages::update_key_bounds(view, 0, k.data(), key == 0);
+        for (std::int32_t d = 0; d < dim; ++d)
+            kvsparse::fold_key_bound(want[static_cast<std::size_t>(d)], want[static_cast<std::size_t>(dim + d)], half(k[static_cast<std::size_t>(d)]), key == 0);
+        REQUIRE(std::memcmp(bounds.data(), want.data(), bounds.size() * sizeof(half)) == 0);
     }
 }
 

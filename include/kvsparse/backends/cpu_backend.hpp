@@ -16,6 +16,7 @@
 
 #include "kvsparse/concepts.hpp"
 #include "kvsparse/detail/cpu_attention.hpp"
+#include "kvsparse/detail/cpu_convert.hpp"
 #include "kvsparse/detail/cpu_page_select.hpp"
 #include "kvsparse/detail/thread_pool.hpp"
 #include "kvsparse/dtype.hpp"
@@ -70,12 +71,8 @@ public:
         for (std::size_t i = 0; i < slots.size(); ++i) {
             const float* k = keys.data() + i * static_cast<std::size_t>(src_stride);
             const float* v = values.data() + i * static_cast<std::size_t>(src_stride);
-            T* kd = stream.key(slots[i]);
-            T* vd = stream.value(slots[i]);
-            for (std::int32_t d = 0; d < dim; ++d) {
-                kd[d] = from_float<T>(k[d]);
-                vd[d] = from_float<T>(v[d]);
-            }
+            detail::cpu::narrow(k, stream.key(slots[i]), static_cast<std::size_t>(dim));
+            detail::cpu::narrow(v, stream.value(slots[i]), static_cast<std::size_t>(dim));
         }
     }
 

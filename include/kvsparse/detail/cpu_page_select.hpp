@@ -13,6 +13,7 @@
 #include <span>
 #include <type_traits>
 
+#include "kvsparse/detail/cpu_convert.hpp"
 #include "kvsparse/detail/cpu_page_scores_simd.hpp"
 #include "kvsparse/dtype.hpp"
 #include "kvsparse/key_bounds.hpp"
@@ -24,14 +25,25 @@ template <storage_type T, storage_type K>
 void update_key_bounds(const KeyBounds<T>& bounds, std::int32_t page, const K* key, bool first) {
     T* lo = bounds.kmin(page);
     T* hi = bounds.kmax(page);
-    for (std::int32_t d = 0; d < bounds.head_dim; ++d) {
-        T stored;
-        if constexpr (std::is_same_v<K, T>) {
-            stored = key[d];
-        } else {
-            stored = from_float<T>(to_float(key[d]));  // exactly as CpuBackend::write narrows it
+    const std::size_t dim = static_cast<std::size_t>(bounds.head_dim);
+    if constexpr (std::is_same_v<K, T>) {
+        cpu::fold_bounds(lo, hi, key, dim, first);
+    } else {
+        // Narrowed exactly as CpuBackend::write stores it, a chunk at a time.
+        constexpr std::size_t chunk = 128;
+        float wide[chunk];
+        T stored[chunk];
+        for (std::size_t c = 0; c < dim; c += chunk) {
+            const std::size_t len = std::min(chunk, dim - c);
+            const float* x = wide;
+            if constexpr (std::is_same_v<K, float>) {
+                x = key + c;
+            } else {
+                for (std::size_t d = 0; d < len; ++d) wide[d] = to_float(key[c + d]);
+            }
+            cpu::narrow(x, stored, len);
+            cpu::fold_bounds(lo + c, hi + c, stored, len, first);
         }
-        fold_key_bound(lo[d], hi[d], stored, first);
     }
 }
 
