@@ -284,10 +284,16 @@ TEST_CASE("append's narrowing and bounds fold give the scalar conversions' bits,
         h.bits = static_cast<std::uint16_t>(pick(rng) < 2 ? specials[pick(rng)] : pattern(rng));
         return h;
     };
-    for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{8}, std::size_t{100}, std::size_t{4096}}) {
+    for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{8}, std::size_t{100}, std::size_t{512}, std::size_t{4096}}) {
         for (const bool first : {false, true}) {
             std::vector<half> lo(n), hi(n), stored(n);
             for (std::size_t i = 0; i < n; ++i) {
+                if (n == 512) {  // every triple of the special patterns
+                    lo[i].bits = specials[i % 8];
+                    hi[i].bits = specials[i / 8 % 8];
+                    stored[i].bits = specials[i / 64];
+                    continue;
+                }
                 lo[i] = random_half();
                 hi[i] = pick(rng) == 0 ? lo[i] : random_half();
                 stored[i] = pick(rng) == 0 ? lo[i] : random_half();
