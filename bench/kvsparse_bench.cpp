@@ -90,6 +90,14 @@ constexpr std::int32_t max_layers = 16;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
+/// The seconds f() takes.
+template <class F>
+double timed(F f) {
+    const auto start = Clock::now();
+    f();
+    return seconds_since(start);
+}
+
 /// The median of `v` (not empty); sorts it.
 double median(std::vector<double>& v) {
     std::sort(v.begin(), v.end());
@@ -149,11 +157,7 @@ const CopyRates& copy_rates() {
         constexpr std::int64_t bytes = 256 * mib;
         Buffer a(bytes), b(bytes);
         std::vector<double> seconds;
-        for (int rep = 0; rep < 12; ++rep) {
-            const auto start = Clock::now();
-            copy(rep % 2 ? b : a, rep % 2 ? a : b);
-            seconds.push_back(seconds_since(start));
-        }
+        for (int rep = 0; rep < 12; ++rep) seconds.push_back(timed([&] { copy(rep % 2 ? b : a, rep % 2 ? a : b); }));
         const double typical = median(seconds);  // sorts them
         return CopyRates{2.0 * static_cast<double>(bytes) / typical, 2.0 * static_cast<double>(bytes) / seconds.front()};
     }();
@@ -228,6 +232,13 @@ struct Filled {
         cache.attend(seq, layer, queries[static_cast<std::size_t>(layer)], out);
         benchmark::DoNotOptimize(out.data());
     }
+
+    /// One decode attention of the next layer in a cycle over the layers.
+    void step_next() {
+        step(next_layer);
+        next_layer = next_layer + 1 == layers ? 0 : next_layer + 1;
+    }
+    std::int32_t next_layer = 0;
 
     /// Bytes a decode step of `layer` reads: the K/V rows of every selected set, plus the policy's metadata:
     /// per-page key bounds (two vectors per page, in the storage type) and accumulated scores (a float per
@@ -315,12 +326,8 @@ void BM_Decode(benchmark::State& state, const std::string& name, const Make& mak
         f.step(l);  // scratch grows once
     }
 
-    std::int32_t layer = 0;
     const auto start = Clock::now();
-    for (auto _ : state) {
-        f.step(layer);
-        layer = layer + 1 == layers ? 0 : layer + 1;
-    }
+    for (auto _ : state) f.step_next();
     const double step = seconds_since(start) / static_cast<double>(state.iterations());
 
     // The selection alone, over the same cycle of layers.
@@ -382,20 +389,9 @@ void BM_Paired(benchmark::State& state, const std::string& name, const Make& mak
     for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);  // scratch grows once
     dense.step(0);
 
-    std::int32_t dense_layer = 0;
     TimedPairs t = in_turns(
-        state,
-        [&] {
-            const auto start = Clock::now();
-            dense.step(dense_layer);
-            dense_layer = dense_layer + 1 == dense.layers ? 0 : dense_layer + 1;
-            return seconds_since(start);
-        },
-        [&] {
-            const auto start = Clock::now();
-            for (std::int32_t l = 0; l < f.layers; ++l) f.step(l);
-            return seconds_since(start) / f.layers;
-        });
+        state, [&] { return timed([&] { dense.step_next(); }); },
+        [&] { return timed([&] { for (std::int32_t l = 0; l < f.layers; ++l) f.step(l); }) / f.layers; });
     auto ratios = t.ratios();
     state.counters["speedup"] = median(ratios);
     state.counters["dense_ns"] = median(t.first) * 1e9;
@@ -416,20 +412,8 @@ void BM_PairedCopy(benchmark::State& state, std::int64_t context) {
     static Buffer from(copy_bytes), to(copy_bytes);
     dense.step(0);
 
-    std::int32_t layer = 0;
     TimedPairs t = in_turns(
-        state,
-        [&] {
-            const auto start = Clock::now();
-            dense.step(layer);
-            layer = layer + 1 == dense.layers ? 0 : layer + 1;
-            return seconds_since(start);
-        },
-        [&] {
-            const auto start = Clock::now();
-            copy(from, to);
-            return seconds_since(start);
-        });
+        state, [&] { return timed([&] { dense.step_next(); }); }, [&] { return timed([&] { copy(from, to); }); });
     // (step_bytes / step) / (2 copy_bytes / copy) = (copy / step) * step_bytes / (2 copy_bytes)
     auto fractions = t.ratios();
     for (double& f : fractions) f = step_bytes / (2.0 * copy_bytes) / f;
