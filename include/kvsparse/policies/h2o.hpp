@@ -8,10 +8,8 @@
 // float per slot (score_slots) and lets its attention add the probabilities (docs/h2o.md).
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <span>
 
 #include "kvsparse/error.hpp"
@@ -54,11 +52,9 @@ public:
     /// evict, the one with the smallest score among those that will not be among the `recent` newest once
     /// the new token is in (ties: lowest position).
     ///
-    /// Linear, O(budget): every attention changes every held score, so an ordered structure (heap, tree)
-    /// would need O(budget log budget) repair per step to save an O(budget) scan; and the step's attention
-    /// already reads budget * head_dim key elements, so the scan is a small fraction of it. A NaN score
-    /// is never below another: it is evicted only as the first candidate in slot order, whose NaN no
-    /// other score can then displace (the rule of one comparison scan, which this one keeps).
+    /// A linear scan, O(budget): every attention changes every held score, so an ordered structure
+    /// (heap, tree) would need O(budget log budget) repair per step to save an O(budget) scan; and the
+    /// step's attention already reads budget * head_dim key elements, so the scan is a small fraction of it.
     std::int32_t place(const StreamState& stream) const {
         const auto slots = static_cast<std::int32_t>(stream.positions.size());
         if (stream.held < budget()) {
@@ -71,17 +67,22 @@ public:
         require_scores(stream);
         // The new token takes position next_position; the `recent` newest are then (next - recent, next].
         const std::int32_t last_candidate = stream.next_position - config_.recent;
-        const auto candidate = [&](std::size_t s) {
-            const std::int32_t position = stream.positions[s];
-            return position != free_slot && position <= last_candidate;
-        };
-        std::size_t first = 0;
-        while (first < stream.positions.size() && !candidate(first)) ++first;
+        std::int32_t victim = -1;
+        float victim_score = 0.0f;
+        std::int32_t victim_position = 0;
+        for (std::int32_t s = 0; s < slots; ++s) {
+            const std::int32_t position = stream.positions[static_cast<std::size_t>(s)];
+            if (position == free_slot || position > last_candidate) continue;
+            const float score = stream.scores[static_cast<std::size_t>(s)];
+            if (victim < 0 || score < victim_score || (score == victim_score && position < victim_position)) {
+                victim = s;
+                victim_score = score;
+                victim_position = position;
+            }
+        }
         // At the budget at least heavy + 1 held tokens are older than the recent window.
-        detail::require(first < stream.positions.size(), "held", stream.held,
-                        "H2O found no token outside the recent window to evict");
-        if (std::isnan(stream.scores[first])) return static_cast<std::int32_t>(first);
-        return lowest_candidate(stream, first, last_candidate);
+        detail::require(victim >= 0, "held", stream.held, "H2O found no token outside the recent window to evict");
+        return victim;
     }
 
     /// After a prefill: if the stream holds more than the budget, the `recent` newest positions stay, and
@@ -149,49 +150,6 @@ public:
     }
 
 private:
-    /// The candidate slot (position <= last_candidate) of the lowest score, the lowest position among equal
-    /// ones, NaN scores aside, from slot `first` on. Two passes that compilers vectorize: one comparison
-    /// chain over the slots, position tie-break included, is a serial dependence; eight independent lanes,
-    /// first of the lowest score and then of the lowest position with it, are not. Any order of the
-    /// candidates gives the same slot, as (score, position) orders them totally (positions are distinct).
-    static std::int32_t lowest_candidate(const StreamState& stream, std::size_t first, std::int32_t last_candidate) {
-        constexpr std::size_t lanes = 8;
-        const std::int32_t* position = stream.positions.data();
-        const float* score = stream.scores.data();
-        const std::size_t end = stream.positions.size();
-        const auto is_candidate = [&](std::size_t s) { return position[s] != free_slot && position[s] <= last_candidate; };
-        float low[lanes];
-        std::fill(low, low + lanes, std::numeric_limits<float>::infinity());
-        std::size_t s = first;
-        for (; s + lanes <= end; s += lanes) {
-            for (std::size_t j = 0; j < lanes; ++j) {
-                const bool lower = is_candidate(s + j) && score[s + j] < low[j];  // false for NaN
-                low[j] = lower ? score[s + j] : low[j];
-            }
-        }
-        for (; s < end; ++s) {
-            if (is_candidate(s) && score[s] < low[0]) low[0] = score[s];
-        }
-        const float lowest = *std::min_element(low, low + lanes);  // a score of the first candidate at most
-        std::int32_t oldest[lanes], slot[lanes];
-        std::fill(oldest, oldest + lanes, std::numeric_limits<std::int32_t>::max());
-        std::fill(slot, slot + lanes, -1);
-        for (s = first; s + lanes <= end; s += lanes) {
-            for (std::size_t j = 0; j < lanes; ++j) {
-                const bool older = is_candidate(s + j) && score[s + j] == lowest && position[s + j] < oldest[j];
-                oldest[j] = older ? position[s + j] : oldest[j];
-                slot[j] = older ? static_cast<std::int32_t>(s + j) : slot[j];
-            }
-        }
-        for (; s < end; ++s) {
-            if (is_candidate(s) && score[s] == lowest && position[s] < oldest[0]) {
-                oldest[0] = position[s];
-                slot[0] = static_cast<std::int32_t>(s);
-            }
-        }
-        return slot[std::min_element(oldest, oldest + lanes) - oldest];
-    }
-
     static void require_scores(const StreamState& stream) {
         detail::require(stream.scores.size() >= stream.positions.size(), "scores.size()", stream.scores.size(),
                         "must cover every slot of positions (H2O accumulates attention)");
