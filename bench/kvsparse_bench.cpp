@@ -143,6 +143,9 @@ void copy(const Buffer& from, Buffer& to) {
     });
 }
 
+/// Bytes of the copies every bandwidth_fraction compares with: far beyond the last-level cache.
+constexpr std::int64_t reference_copy_bytes = 256 * mib;
+
 /// Copy bandwidth (bytes read + bytes written per second) of 256 MiB copies, measured once: the median
 /// of 12 (the reference of every bandwidth_fraction) and the best. On a shared machine the best of a few
 /// copies can be far above what the same copy does most of the time (here up to 1.6x), while every Decode
@@ -154,7 +157,7 @@ struct CopyRates {
 
 const CopyRates& copy_rates() {
     static const CopyRates measured = [] {
-        constexpr std::int64_t bytes = 256 * mib;
+        constexpr std::int64_t bytes = reference_copy_bytes;
         Buffer a(bytes), b(bytes);
         std::vector<double> seconds;
         for (int rep = 0; rep < 12; ++rep) seconds.push_back(timed([&] { copy(rep % 2 ? b : a, rep % 2 ? a : b); }));
@@ -408,7 +411,7 @@ void BM_PairedCopy(benchmark::State& state, std::int64_t context) {
     auto& dense = decode_fixture("dense", make_dense, context);
     Selection selection;
     const double step_bytes = static_cast<double>(dense.step_bytes(0, selection));
-    constexpr std::int64_t copy_bytes = 256 * mib;
+    constexpr std::int64_t copy_bytes = reference_copy_bytes;
     static Buffer from(copy_bytes), to(copy_bytes);
     dense.step(0);
 

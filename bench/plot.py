@@ -191,14 +191,15 @@ def paired(other):
 def check(context, decode, other):
     B = budget(context)
     ok = True
-    dense, dense_pair = decode.get(("dense", 32768)), paired(other).get(("dense", 32768))
+    pairs = paired(other)
+    dense, dense_pair = decode.get(("dense", 32768)), pairs.get(("dense", 32768))
     if dense or dense_pair:
         # The paired fraction compares a step and a copy that saw the same memory bandwidth.
         f, how = (dense_pair["bandwidth_fraction"], "paired with copies") if dense_pair else (dense["bandwidth_fraction"], "one copy reference")
         good = f >= GOAL_DENSE_FRACTION
         ok &= good
         print(f"dense decode at 32K: {f:.2f} of copy bandwidth ({how}) (goal >= {GOAL_DENSE_FRACTION}): {'met' if good else 'NOT met'}")
-    pair = paired(other).get(("quest", 32768))
+    pair = pairs.get(("quest", 32768))
     quest = decode.get(("quest", 32768))
     if pair or (quest and "speedup" in quest):
         # Both against dense in the same run; the paired steps also saw the same memory bandwidth.

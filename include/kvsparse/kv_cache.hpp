@@ -134,8 +134,7 @@ public:
         Sequence& sequence = at(id);
         for (Stream& stream : sequence.streams) {
             pool_.release(stream.pages);
-            pool_.release(stream.spare);
-            spare_pages_ -= static_cast<std::int32_t>(stream.spare.size());
+            return_spares(stream);
             stream = Stream{};
         }
         std::fill(sequence.lengths.begin(), sequence.lengths.end(), 0);
@@ -538,9 +537,7 @@ private:
             if (lacking > static_cast<std::int64_t>(s.spare.size())) {
                 // A run: what the stream lacks, up to page_run if its policy can fill that many and the
                 // pool keeps enough for the streams after it.
-                pool_.release(s.spare);
-                spare_pages_ -= static_cast<std::int32_t>(s.spare.size());
-                s.spare.clear();
+                return_spares(s);
                 const std::int64_t fillable = pool_.pages_for(policy_.capacity(layer, h)) - static_cast<std::int64_t>(s.pages.size());
                 const std::int64_t run = std::clamp<std::int64_t>(std::min<std::int64_t>(config_.page_run, fillable), lacking,
                                                                   std::max(lacking, pool_.free_pages() - needed_from_pool));
@@ -556,16 +553,19 @@ private:
         }
     }
 
+    /// The pages `s` has taken ahead back to the pool.
+    void return_spares(Stream& s) {
+        pool_.release(s.spare);
+        spare_pages_ -= static_cast<std::int32_t>(s.spare.size());
+        s.spare.clear();
+    }
+
     /// Every stream's spare pages back to the pool (it has run short).
     void release_spares() {
         for (auto& sequence : sequences_) {
             if (!sequence) continue;
-            for (Stream& s : sequence->streams) {
-                pool_.release(s.spare);
-                s.spare.clear();
-            }
+            for (Stream& s : sequence->streams) return_spares(s);
         }
-        spare_pages_ = 0;
     }
 
     /// Puts `position` into `slot`, growing the slot range if needed (its page was reserved).
