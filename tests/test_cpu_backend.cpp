@@ -197,16 +197,17 @@ void check_case(const Case& c, std::uint32_t seed) {
 TEMPLATE_TEST_CASE("CpuBackend::attend matches a double reference on every path and shape", "[cpu][attend]", float, half,
                    bfloat16) {
     std::uint32_t seed = 1;
+    // Three chunks of the vector paths (at most kAttendChunk keys each), the maximum moving between them.
+    const int three_chunks = 2 * static_cast<int>(kvsparse::detail::cpu::kAttendChunk) + 300;
     for (const int dim : {8, 12, 16, 24, 40, 128, 136}) {
         for (const int group : {1, 2, 3, 4, 5, 8}) {
-            // 700: three chunks of the vector paths (kAttendChunk keys), the maximum moving between them.
-            for (const int n : {1, 2, 3, 17, 100, 700}) check_case<TestType>({dim, group, n, 16, false}, seed++);
+            for (const int n : {1, 2, 3, 17, 100, three_chunks}) check_case<TestType>({dim, group, n, 16, false}, seed++);
         }
     }
     for (const int page_size : {1, 12, 16, 64}) check_case<TestType>({128, 4, 1000, page_size, false}, seed++);
     check_case<TestType>({128, 4, 5000, 16, false}, seed++);
     for (const int group : {1, 4, 6}) check_case<TestType>({64, group, 77, 16, true}, seed++);
-    check_case<TestType>({64, 4, 600, 16, true}, seed++);  // turned keys over three chunks
+    check_case<TestType>({64, 4, three_chunks, 16, true}, seed++);  // turned keys over three chunks
     require_vector_paths(vector_cases);
 }
 

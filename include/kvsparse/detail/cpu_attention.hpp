@@ -67,16 +67,23 @@ struct Rows {
                     ? std::countr_zero(static_cast<std::uint32_t>(pool.page_size))
                     : -1) {}
 
+    struct Place {
+        std::int32_t page_index;  // into the page table
+        std::int32_t token;       // within the page
+    };
+    Place locate(std::int32_t slot) const {
+        if (shift >= 0) return {slot >> shift, slot & (page_size - 1)};
+        return {slot / page_size, slot % page_size};
+    }
+
+    /// The first row of page-table entry `page_index`.
+    const T* page_start(std::int32_t page_index) const {
+        return data + std::int64_t{pages[page_index]} * page_stride + head_offset;
+    }
+
     const T* operator()(std::int32_t slot) const {
-        std::int32_t page_index, token;
-        if (shift >= 0) {
-            page_index = slot >> shift;
-            token = slot & (page_size - 1);
-        } else {
-            page_index = slot / page_size;
-            token = slot % page_size;
-        }
-        return data + std::int64_t{pages[page_index]} * page_stride + std::int64_t{token} * token_stride + head_offset;
+        const Place at = locate(slot);
+        return page_start(at.page_index) + std::int64_t{at.token} * token_stride;
     }
 };
 
@@ -96,10 +103,20 @@ template <int Locality = 3, class T>
 #endif
 }
 
-/// Keys per chunk of the vector paths: scores, then weights, then values, a chunk at a time. While the
-/// score pass reads a chunk's keys it also asks for the chunk's value rows (into L2, where 256 rows fit
-/// many times), so the two streams of scattered pages overlap and the value pass finds its rows there.
-inline constexpr std::size_t kAttendChunk = 256;
+/// Keys per chunk of the vector paths, at most: scores, then weights, then values, a chunk at a time.
+/// While the score pass reads a chunk's keys it also asks for the chunk's value rows (into L2), so the two
+/// streams of scattered pages overlap and the value pass finds its rows there.
+inline constexpr std::size_t kAttendChunk = 1024;
+
+/// Bytes of a chunk's value rows, at most: they wait in L2 (commonly 1-2 MiB) from one pass to the next.
+inline constexpr std::size_t kChunkValueBytes = 256 * 1024;
+
+/// Keys per chunk for rows of `row_bytes`: as many as kChunkValueBytes holds, 64 to kAttendChunk. Each
+/// chunk costs a switch of passes and the addresses of the rows asked for ahead again; with float16
+/// rows of 128 (1024 keys a chunk rather than 256) a dense step at 32K takes 8-9% less time.
+inline std::size_t chunk_rows(std::size_t row_bytes) {
+    return std::clamp<std::size_t>(kChunkValueBytes / row_bytes, 64, kAttendChunk);
+}
 
 /// Rows requested ahead of use, at most.
 inline constexpr std::size_t kMaxAhead = 64;
@@ -120,15 +137,35 @@ struct ChunkRows {
     const T* keys[size];
     const T* values[size];
 
-    /// Fills the addresses of slots[begin ...].
-    void fill(const Rows<T>& key_rows, const Rows<T>& value_rows, std::span<const std::int32_t> slots, std::size_t begin) {
-        const std::size_t valid = std::min(size, slots.size() - begin);
-        for (std::size_t i = 0; i < valid; ++i) {
-            keys[i] = key_rows(slots[begin + i]);
-            values[i] = value_rows(slots[begin + i]);
+    /// Fills the addresses of the chunk slots[begin, begin + count) and of the rows asked for after it
+    /// (keys and values of one stream, which share its page table). Slots ascend, mostly in runs within a
+    /// page, so a page's first rows are looked up once per run: 1.35x faster than a lookup per slot, which
+    /// had taken 7% of a dense step.
+    void fill(const Rows<T>& key_rows, const Rows<T>& value_rows, std::span<const std::int32_t> slots, std::size_t begin,
+              std::size_t count) {
+        const std::size_t used = std::min(size, count + kMaxAhead + 4);
+        const std::size_t valid = std::min(used, slots.size() - begin);
+        const std::int32_t* slot = slots.data() + begin;
+        std::int32_t page = -1;
+        const T* key_page = nullptr;
+        const T* value_page = nullptr;
+        const auto put = [&](std::size_t i, typename Rows<T>::Place at) {
+            if (at.page_index != page) {
+                page = at.page_index;
+                key_page = key_rows.page_start(page);
+                value_page = value_rows.page_start(page);
+            }
+            keys[i] = key_page + std::int64_t{at.token} * key_rows.token_stride;
+            values[i] = value_page + std::int64_t{at.token} * value_rows.token_stride;
+        };
+        if (key_rows.shift >= 0) {  // the loop without a division
+            const std::int32_t shift = key_rows.shift, last = key_rows.page_size - 1;
+            for (std::size_t i = 0; i < valid; ++i) put(i, {slot[i] >> shift, slot[i] & last});
+        } else {
+            for (std::size_t i = 0; i < valid; ++i) put(i, key_rows.locate(slot[i]));
         }
-        std::fill(keys + valid, keys + size, keys[valid - 1]);
-        std::fill(values + valid, values + size, values[valid - 1]);
+        std::fill(keys + valid, keys + used, keys[valid - 1]);
+        std::fill(values + valid, values + used, values[valid - 1]);
     }
 };
 
