@@ -10,7 +10,8 @@ policy that reads only its budget, L / B. A second panel shows bandwidth_fractio
 tables of docs/benchmarks.md; --check prints the two CPU goals of the suite and exits non-zero if one is
 missed. Each goal takes its Paired/ benchmark where the run has it, else the Decode results: the dense
 goal Paired/dense/32768's bandwidth_fraction (dense steps and copies timed in turns), the Quest goal
-Paired/quest/32768's speedup (dense and Quest steps timed in turns). Needs numpy and matplotlib (Debian:
+Paired/quest/32768's speedup (dense and Quest steps timed in turns); with Read/4096 in the run it adds
+the bound that the machine's rate for scattered pages leaves Quest. Needs numpy and matplotlib (Debian:
 python3-matplotlib) for the figure only.
 """
 
@@ -209,6 +210,14 @@ def check(context, decode, other):
         ok &= good
         print(f"quest at 32K: {s:.2f}x faster than dense ({how}) = {s / bound:.2f} of the bound {bound:.1f}x "
               f"(goal >= {GOAL_QUEST_OF_BOUND}): {'met' if good else 'NOT met'}")
+        read = other.get("Read/4096")
+        if read:
+            # Quest reads its pages scattered, dense its runs of pages: with dense's efficiency on both
+            # patterns, Quest's step takes (L/P + B/x) / L of dense's, x the scattered rate's fraction.
+            x = read["scattered_fraction"]
+            machine = 32768 / (32768 / PAGE + B / x)
+            print(f"  this machine reads 4 KiB pages scattered at {x:.2f} of the in-order rate (Read/4096): with "
+                  f"dense's efficiency Quest's step is at most {machine:.2f}x faster = {machine / bound:.2f} of the bound")
     return ok
 
 

@@ -22,7 +22,7 @@ mkdir -p "$(dirname "$out")"
 SECONDS=0
 # shellcheck disable=SC2086
 "$build/bench/kvsparse-bench" \
-    --benchmark_filter='^(Copy/268435456|Decode/[a-z0-9_]+/(4096|32768)|Paired/(dense|quest)/32768|Append/[a-z0-9_]+/32768|H2OUpdate/32768)$' \
+    --benchmark_filter='^(Copy/268435456|Read/4096|Decode/[a-z0-9_]+/(4096|32768)|Paired/(dense|quest)/32768|Append/[a-z0-9_]+/32768|H2OUpdate/32768)$' \
     --benchmark_min_time=0.05 --benchmark_out="$out" --benchmark_out_format=json ${KVSPARSE_BENCH_FLAGS:-}
 echo "sweep: ${SECONDS} s, results in $out"
 "${PYTHON:-python3}" bench/plot.py "$out" --check

@@ -27,7 +27,7 @@ run() {  # name filter
     # shellcheck disable=SC2086
     "$bin" --benchmark_filter="$2" --benchmark_out="$out/$1.json" --benchmark_out_format=json ${KVSPARSE_BENCH_FLAGS:-}
 }
-run base '^(Copy/.*|Decode/dense/.*|Paired/dense/.*|Append/.*|H2OUpdate/.*)$'
+run base '^(Copy/.*|Read/.*|Decode/dense/.*|Paired/dense/.*|Append/.*|H2OUpdate/.*)$'
 policies=$("$bin" --benchmark_list_tests | sed -n 's|^Decode/\([a-z0-9_]*\)/.*|\1|p' | grep -v '^dense$' | uniq)
 files=("$out/base.json")
 for p in $policies; do
