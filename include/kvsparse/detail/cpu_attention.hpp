@@ -67,9 +67,10 @@ struct Rows {
                     ? std::countr_zero(static_cast<std::uint32_t>(pool.page_size))
                     : -1) {}
 
+    /// Where a slot's row is: its page-table entry and its token within that page.
     struct Place {
-        std::int32_t page_index;  // into the page table
-        std::int32_t token;       // within the page
+        std::int32_t page_index;
+        std::int32_t token;
     };
     Place locate(std::int32_t slot) const {
         if (shift >= 0) return {slot >> shift, slot & (page_size - 1)};
@@ -130,7 +131,7 @@ inline std::size_t prefetch_rows(std::size_t row_bytes) { return std::clamp<std:
 /// ahead (up to kMaxAhead past a step of four keys), computed once per chunk: an address costs a
 /// page-table lookup and two multiplications, and computed at each use (once to ask, once to read) they
 /// took a third of the score pass. Past the last slot the last row is repeated, so asking ahead needs no
-/// bounds check.
+/// bounds check. 17 KiB with chunks of 1024, on the stack of attend.
 template <class T>
 struct ChunkRows {
     static constexpr std::size_t size = kAttendChunk + kMaxAhead + 4;
