@@ -218,10 +218,10 @@ def check(context, decode, other):
         read = other.get("Read/4096")
         if read:
             # Quest reads its pages scattered, dense its runs of pages: were both steps as fast as plain
-            # reads of their patterns, Quest's would take (L/P + B/x) / L of dense's, x the scattered
+            # reads of their patterns, Quest's B tokens would weigh as B/x in-order ones, x the scattered
             # rate's fraction (timed apart from the steps, so an estimate on a machine that drifts).
             x = read["scattered_fraction"]
-            machine = 32768 / (32768 / PAGE + B / x)
+            machine = bound_pages(32768, B / x)
             print(f"  Read/4096: scattered 4 KiB pages read at {x:.2f} of the in-order rate; at those rates the "
                   f"bound is {machine:.2f}x = {machine / bound:.2f} of {bound:.1f}x")
     return ok

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reduced kvsparse-bench sweep for quick checks: the copy reference, a decode step of every policy at 4K
-# and 32K tokens, Quest and dense timed in turns at 32K, append and the H2O update at 32K, then the
-# suite's two CPU goals. The sweep runs in under two minutes once the binary is built. Run from anywhere:
+# Reduced kvsparse-bench sweep for quick checks: the copy reference, 4 KiB pages read in order and
+# shuffled, a decode step of every policy at 4K and 32K tokens, Quest and dense timed in turns at 32K,
+# append and the H2O update at 32K, then the suite's two CPU goals. The sweep runs in under two minutes once the binary is built. Run from anywhere:
 #
 #     bench/quick.sh [results.json]
 #

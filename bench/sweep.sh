@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The full kvsparse-bench sweep behind docs/benchmarks.md, then its figure and tables. One process for the
-# copy, dense decode (and its steps in turns with the copy), append and the H2O update, and one per sparse policy with dense decode (and the
-# policy's Paired/ steps, dense and the policy in turns) in the same process, so that every speedup is a
-# ratio of two results of one run. Run from anywhere:
+# copy, the page reads (Read/), dense decode (and its steps in turns with the copy), append and the H2O
+# update, and one per sparse policy with dense decode (and the policy's Paired/ steps, dense and the
+# policy in turns) in the same process, so that every speedup is a ratio of two results of one run. Run
+# from anywhere:
 #
 #     bench/sweep.sh [results-dir]        (default: docs/bench-results)
 #
