@@ -29,6 +29,9 @@
 //   Read/4096                  the 256 MiB of the copy read in 4 KiB pages, in address order and
 //                              shuffled, in turns: what scattered cache pages cost this machine's memory.
 //                              scattered_fraction: median ratio of the shuffled rate to the in-order one.
+//   Reads/quest/32768          the bytes of a Decode/dense step and of a Decode/quest step (bounds, then
+//                              selected pages), read alone, without arithmetic, in turns. speedup: median
+//                              ratio of the two, the Quest speedup this machine's reads allow right now.
 //   PageScores/<isa>/2048      Quest's page scores of one KV head (4 query heads) over 2048 float16 bounds
 //                              pages, from memory, on one thread. ns_per_page, bytes_per_second.
 //   AttendKernel/<isa>/<keys>  the CPU attention kernel with one instruction set (avx512, avx2, portable;
@@ -431,6 +434,17 @@ void BM_PairedCopy(benchmark::State& state, std::int64_t context) {
     state.counters["threads"] = static_cast<double>(pool().size());
 }
 
+/// The sum of the 64-bit words of [p, p + bytes): a plain read the compiler cannot drop.
+std::uint64_t sum_words(const std::byte* p, std::int64_t bytes) {
+    std::uint64_t sum = 0;
+    for (std::int64_t w = 0; w < bytes; w += 8) {
+        std::uint64_t word;
+        std::memcpy(&word, p + w, sizeof word);
+        sum += word;
+    }
+    return sum;
+}
+
 /// Read/4096: 256 MiB (on huge pages where the system gives them, as KVCache's pool) read in 4 KiB pages on
 /// all threads, in address order and in a shuffled order, in turns; the reads go a row of 256 bytes at a
 /// time, asking for the same row of the next page in that order (4 KiB on), as the attention's score pass
@@ -456,11 +470,7 @@ void BM_Read(benchmark::State& state) {
                     const std::byte* next = at(std::min(i + 1, end - 1));
                     for (std::int64_t r = 0; r < page; r += row) {
                         detail::cpu::prefetch_row(next + r, row);
-                        for (std::int64_t w = 0; w < row; w += 8) {
-                            std::uint64_t word;
-                            std::memcpy(&word, here + r + w, sizeof word);
-                            sum += word;
-                        }
+                        sum += sum_words(here + r, row);
                     }
                 }
                 benchmark::DoNotOptimize(sum);
@@ -472,6 +482,102 @@ void BM_Read(benchmark::State& state) {
     state.counters["scattered_fraction"] = median(fractions);
     state.counters["in_order_bytes_per_second"] = static_cast<double>(bytes) / median(t.first);
     state.counters["scattered_bytes_per_second"] = static_cast<double>(bytes) / median(t.second);
+    state.counters["threads"] = static_cast<double>(pool().size());
+}
+
+/// What one decode step of a layer reads, per KV head: its key bounds (one run; none without them), then
+/// the K and V rows of its selected set, as runs of rows within a cache page.
+struct StepReads {
+    struct Run {
+        const std::byte* keys;
+        const std::byte* values;
+        std::int64_t rows;
+    };
+    struct Head {
+        const std::byte* bounds = nullptr;
+        std::int64_t bounds_bytes = 0;
+        std::vector<Run> runs;
+    };
+    std::vector<Head> heads;
+    std::int64_t bytes = 0;
+
+    template <class Policy>
+    StepReads(Filled<Policy>& f, std::int32_t layer) : heads(static_cast<std::size_t>(kv_heads)) {
+        Selection selection;
+        bytes = f.step_bytes(layer, selection);  // selects, as the step does
+        for (std::int32_t h = 0; h < kv_heads; ++h) {
+            Head& head = heads[static_cast<std::size_t>(h)];
+            const KeyBoundsView bounds = f.cache.stream_state(f.seq, layer, h).bounds;
+            head.bounds = static_cast<const std::byte*>(bounds.data);
+            head.bounds_bytes = std::int64_t{bounds.pages} * bounds.page_stride * static_cast<std::int64_t>(sizeof(Storage));
+            const StreamView<Storage> view = f.cache.stream_view(f.seq, layer, h);
+            std::int32_t previous = -2;
+            for (const std::int32_t slot : selection.slots_of(h)) {
+                if (slot == previous + 1 && slot % page_size != 0) {
+                    ++head.runs.back().rows;
+                } else {
+                    head.runs.push_back({reinterpret_cast<const std::byte*>(view.key(slot)),
+                                         reinterpret_cast<const std::byte*>(view.value(slot)), 1});
+                }
+                previous = slot;
+            }
+        }
+    }
+
+    /// Reads it all on the benchmark's threads, a KV head per task, asking for what comes next as the
+    /// library's kernels do: the bounds detail::cpu::bounds_ahead_bytes ahead, non-temporally; each K and V
+    /// row the same row of the next run (a cache page on, as Read/4096).
+    void read() const {
+        constexpr std::int64_t row = head_dim * static_cast<std::int64_t>(sizeof(Storage));
+        constexpr auto ahead = static_cast<std::int64_t>(detail::cpu::bounds_ahead_bytes);
+        pool().parallel_for(kv_heads, [&](std::int64_t h) {
+            const Head& head = heads[static_cast<std::size_t>(h)];
+            std::uint64_t sum = 0;
+            for (std::int64_t b = 0; b < head.bounds_bytes; b += row) {
+                if (b + ahead < head.bounds_bytes) detail::cpu::prefetch_row<0>(head.bounds + b + ahead, row);
+                sum += sum_words(head.bounds + b, row);
+            }
+            for (std::size_t i = 0; i < head.runs.size(); ++i) {
+                const Run& here = head.runs[i];
+                const Run& next = head.runs[std::min(i + 1, head.runs.size() - 1)];
+                for (std::int64_t r = 0; r < here.rows * row; r += row) {
+                    detail::cpu::prefetch_row(next.keys + r, row);
+                    detail::cpu::prefetch_row(next.values + r, row);
+                    sum += sum_words(here.keys + r, row) + sum_words(here.values + r, row);
+                }
+            }
+            benchmark::DoNotOptimize(sum);
+        });
+    }
+};
+
+/// Reads/<name>/<context>: the bytes a decode step reads (Decode's bytes_read), read alone, without the
+/// arithmetic, in the step's order and pattern: a dense step's (Decode/dense/<context>, its runs of
+/// pages) and a step of every layer of the policy's cache (its bounds, then its selected pages), in turns
+/// as in Paired/. speedup: the median ratio of the dense reads to the policy's mean layer, the speedup
+/// Paired/ would show if both steps took only the time their reads take on this machine now (for Quest,
+/// not the 8x of the bound, which counts bytes: scattered pages read more slowly than runs of pages, see
+/// Read/4096); dense_ns and step_ns: the median reads.
+template <class Make>
+void BM_Reads(benchmark::State& state, const std::string& name, const Make& make, std::int64_t context) {
+    auto& dense = decode_fixture("dense", make_dense, context);
+    auto& f = decode_fixture(name, make, context);
+    std::vector<StepReads> dense_reads, reads;
+    for (std::int32_t l = 0; l < dense.layers; ++l) dense_reads.emplace_back(dense, l);
+    for (std::int32_t l = 0; l < f.layers; ++l) reads.emplace_back(f, l);
+    std::size_t next = 0;
+
+    TimedPairs t = in_turns(
+        state,
+        [&] {
+            next = (next + 1) % dense_reads.size();
+            return timed([&] { dense_reads[next].read(); });
+        },
+        [&] { return timed([&] { for (const StepReads& r : reads) r.read(); }) / static_cast<double>(reads.size()); });
+    auto ratios = t.ratios();
+    state.counters["speedup"] = median(ratios);
+    state.counters["dense_ns"] = median(t.first) * 1e9;
+    state.counters["step_ns"] = median(t.second) * 1e9;
     state.counters["threads"] = static_cast<double>(pool().size());
 }
 
@@ -631,10 +737,14 @@ void register_policies() {
     add_policy("window", [](std::int32_t) { return SlidingWindow(token_budget); });
     add_policy("sink", [](std::int32_t) { return AttentionSink({.sinks = 4, .window = token_budget - 4}); });
     add_policy("h2o", [](std::int32_t) { return H2OHeavyHitter(token_budget / 2, token_budget / 2); });
-    add_policy("quest", [](std::int32_t) {
+    const auto quest = [](std::int32_t) {
         return QuestPageSelector({.page_size = page_size, .token_budget = token_budget, .dense_layers = 0});
-    });
+    };
+    add_policy("quest", quest);
     add_policy("lserve", lserve);
+    // The Quest goal's context: what its step and dense's take when they only read.
+    benchmark::RegisterBenchmark("Reads/quest/32768", [=](benchmark::State& s) { BM_Reads(s, "quest", quest, 32768); })
+        ->Unit(benchmark::kMicrosecond);
 }
 
 void register_all() {

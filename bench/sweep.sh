@@ -2,7 +2,8 @@
 # The full kvsparse-bench sweep behind docs/benchmarks.md, then its figure and tables. One process for the
 # copy, the page reads (Read/), dense decode (and its steps in turns with the copy), append and the H2O
 # update, and one per sparse policy with dense decode (and the policy's Paired/ steps, dense and the
-# policy in turns) in the same process, so that every speedup is a ratio of two results of one run. Run
+# policy in turns, and for Quest Reads/, their bytes read alone) in the same process, so that every
+# speedup is a ratio of two results of one run. Run
 # from anywhere:
 #
 #     bench/sweep.sh [results-dir]        (default: docs/bench-results)
@@ -32,7 +33,7 @@ run base '^(Copy/.*|Read/.*|Decode/dense/.*|Paired/dense/.*|Append/.*|H2OUpdate/
 policies=$("$bin" --benchmark_list_tests | sed -n 's|^Decode/\([a-z0-9_]*\)/.*|\1|p' | grep -v '^dense$' | uniq)
 files=("$out/base.json")
 for p in $policies; do
-    run "$p" "^(Decode/(dense|$p)/.*|Paired/$p/.*)\$"
+    run "$p" "^(Decode/(dense|$p)/.*|Paired/$p/.*|Reads/$p/.*)\$"
     files+=("$out/$p.json")
 done
 "${PYTHON:-python3}" bench/plot.py "${files[@]}" --figure docs/benchmarks.png --markdown --check
