@@ -499,12 +499,11 @@ struct StepReads {
         std::vector<Run> runs;
     };
     std::vector<Head> heads;
-    std::int64_t bytes = 0;
 
     template <class Policy>
     StepReads(Filled<Policy>& f, std::int32_t layer) : heads(static_cast<std::size_t>(kv_heads)) {
         Selection selection;
-        bytes = f.step_bytes(layer, selection);  // selects, as the step does
+        f.cache.select(f.seq, layer, f.queries[static_cast<std::size_t>(layer)], selection);
         for (std::int32_t h = 0; h < kv_heads; ++h) {
             Head& head = heads[static_cast<std::size_t>(h)];
             const KeyBoundsView bounds = f.cache.stream_state(f.seq, layer, h).bounds;
