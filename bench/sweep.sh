@@ -3,8 +3,7 @@
 # copy, the page reads (Read/), dense decode (and its steps in turns with the copy), append and the H2O
 # update, and one per sparse policy with dense decode (and the policy's Paired/ steps, dense and the
 # policy in turns, and for Quest Reads/, their bytes read alone) in the same process, so that every
-# speedup is a ratio of two results of one run. Run
-# from anywhere:
+# speedup is a ratio of two results of one run. Run from anywhere:
 #
 #     bench/sweep.sh [results-dir]        (default: docs/bench-results)
 #
